@@ -1,0 +1,3 @@
+from mmprof.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""The documented, stable column schema of measurements.csv, per command.
+
+Every row starts with `status` (ok | oom | error), then the spec columns (what was measured),
+then the metric columns (units in every name), then `note` (why a value is empty, or what failed).
+Empty cells mean "not measured"; the note says why.
+"""
+
+from __future__ import annotations
+
+STATUS_VALUES = ("ok", "oom", "error")
+
+COMMON_HEAD = {"status": "ok | oom | error"}
+COMMON_TAIL = {"note": "free text: why values are empty, the error message, or flags"}
+
+SPEC_COLUMNS: dict[str, dict[str, str]] = {
+    "train-memory": {
+        "arch": "mmfree | transformer",
+        "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b)",
+        "bitlinear": "fused | vanilla (empty for transformer)",
+        "batch": "sequences per step",
+        "seq": "tokens per sequence",
+        "steps": "timed optimizer steps",
+        "warmup": "untimed warm-up steps",
+        "device": "cuda:N | cpu | meta",
+        "precision": "bf16-autocast | bf16 | fp32",
+        "shard": "none | fsdp",
+        "world_size": "processes in the job",
+        "rank": "rank of the row, or 'all' for a job summary",
+        "estimated": "1 if the memory figures are an estimate on fake/meta tensors",
+    },
+    "decode-power": {
+        "arch": "mmfree | transformer",
+        "size": "size preset",
+        "weights": "fake-quant | packed | bf16",
+        "batch": "sequences decoded together",
+        "prompt_len": "prompt tokens per sequence",
+        "new_tokens": "tokens generated per sequence per repeat",
+        "repeats": "decode repeats measured",
+        "device": "cuda:N | cpu",
+        "precision": "bf16 | fp32",
+    },
+    "profiler-check": {
+        "check": "which profiler check this row is",
+        "device": "cuda:N | cpu",
+    },
+}
+
+_MEMORY = {
+    "peak_alloc_gib": "CUDA allocator peak allocated during the measured phase, GiB",
+    "peak_reserved_gib": "CUDA allocator peak reserved during the measured phase, GiB",
+    "nvml_mem_used_gib": "peak NVML device memory used (includes the CUDA context), GiB",
+}
+_POWER = {
+    "power_avg_w": "mean sampled GPU power over the energy window, W",
+    "power_peak_w": "highest sampled GPU power over the energy window, W",
+    "idle_power_w": "mean GPU power of the idle baseline before the workload, W",
+    "energy_window_s": "length of the energy window, s",
+    "energy_integral_j": "integral of sampled power over the window (cross-check of the counter), J",
+    "n_power_samples": "power samples taken in the window",
+    "low_confidence": "1 if the window was shorter than 1 s or saw fewer than 10 power updates",
+}
+_HOST = {
+    "host_rss_peak_gib": "peak resident set size of the process, GiB",
+    "cpu_util_pct": "mean CPU utilisation of the process over the window, % of one core",
+    "cpu_energy_j": "CPU package energy from RAPL over the window, J (empty when unreadable)",
+}
+
+METRIC_COLUMNS: dict[str, dict[str, str]] = {
+    "train-memory": {
+        **_MEMORY,
+        "param_gib": "parameters (master weights), GiB",
+        "grad_gib": "gradients, GiB",
+        "optim_gib": "optimizer state, GiB",
+        "act_mem_gib": "peak allocated minus what was allocated before the step, GiB",
+        "tracker_act_gib": "live-tensor tracker: activations saved for backward at the peak, GiB",
+        "tracker_temp_gib": "live-tensor tracker: other temporaries at the peak, GiB",
+        "est_peak_alloc_gib": "peak allocated estimated on fake tensors with no GPU, GiB",
+        "est_error_pct": "estimate minus measured peak allocated, % of measured",
+        "step_time_s": "median step time, s",
+        "step_time_iqr_s": "interquartile range of step time, s",
+        "n_steps": "timed steps behind the median",
+        "tokens_per_s": "batch*seq / median step time",
+        "mfu": "model FLOPs (6*N*tokens, plus attention) over the GPU's dense bf16 peak",
+        "energy_per_step_j": "GPU energy per step from the NVML counter, J",
+        "energy_above_idle_per_step_j": "energy per step minus idle power times step time, J",
+        "j_per_token": "GPU energy per trained token, J",
+        "j_per_token_above_idle": "GPU energy above idle per trained token, J",
+        **_POWER,
+        **_HOST,
+    },
+    "decode-power": {
+        "ttft_s": "time to first token (prefill plus one sampling step), s",
+        "prefill_s": "prefill time, s",
+        "latency_p50_ms": "per-token decode latency, median, ms",
+        "latency_p90_ms": "per-token decode latency, 90th percentile, ms",
+        "latency_p99_ms": "per-token decode latency, 99th percentile, ms",
+        "tokens_per_s": "generated tokens per second in the steady-state window (all sequences)",
+        "n_tokens_measured": "tokens generated inside the energy window (all sequences)",
+        **_MEMORY,
+        "weights_gib": "bytes of model weights held on the device, GiB",
+        "energy_j": "GPU energy of the steady-state decode window from the NVML counter, J",
+        "energy_above_idle_j": "energy_j minus idle power times the window, J",
+        "j_per_token": "energy_j / n_tokens_measured, J",
+        "j_per_token_above_idle": "energy_above_idle_j / n_tokens_measured, J",
+        **_POWER,
+        "bandwidth_gbps": "weight bytes read per step times steps per second, GB/s",
+        "bandwidth_frac": "bandwidth_gbps over the GPU's measured copy bandwidth",
+        **_HOST,
+    },
+    "profiler-check": {
+        "value": "the measured figure",
+        "unit": "unit of value",
+        "reference": "the figure it is compared with",
+        "diff_pct": "value against reference, %",
+        "target": "the target the check is held to",
+        "passed": "1 if the target was met",
+    },
+}
+
+# Columns `export` puts on every row from the run's meta.json.
+PROVENANCE_COLUMNS = {
+    "run_id": "run folder name",
+    "command": "mmprof command that wrote the run",
+    "gpu": "GPU name (empty without one)",
+    "driver": "NVIDIA driver version",
+    "mmprof_version": "mmprof version that measured",
+}
+
+
+def columns(command: str) -> list[str]:
+    """Ordered CSV header of a command's measurements.csv."""
+    if command not in SPEC_COLUMNS:
+        raise KeyError(f"no schema for command {command!r}")
+    return [*COMMON_HEAD, *SPEC_COLUMNS[command], *METRIC_COLUMNS[command], *COMMON_TAIL]
+
+
+def spec_columns(command: str) -> list[str]:
+    return list(SPEC_COLUMNS.get(command, {}))
+
+
+def metric_columns(command: str) -> list[str]:
+    return list(METRIC_COLUMNS.get(command, {}))
+
+
+def describe(command: str) -> dict[str, str]:
+    return {**COMMON_HEAD, **SPEC_COLUMNS[command], **METRIC_COLUMNS[command], **COMMON_TAIL}

@@ -1,0 +1,249 @@
+"""Run folders: one per measuring command; rows appended and flushed as each configuration finishes.
+
+A run folder holds `measurements.csv`, `meta.json` and optional time-series CSVs. A run killed mid-way
+keeps every finished row (each row is written, flushed and fsynced on its own) and stays readable.
+An existing run folder is never overwritten: it is only ever appended to through `resume`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from mmprof import __version__
+from mmprof.errors import UserError
+from mmprof.results import schema
+
+MEASUREMENTS = "measurements.csv"
+META = "meta.json"
+DEFAULT_ROOT = Path("results") / "runs"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def default_run_dir(command: str, root: Path = DEFAULT_ROOT) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = Path(root) / f"{stamp}-{command}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ""
+        if value != 0 and abs(value) >= 1e6:
+            return f"{value:.1f}"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunWriter:
+    """Appends rows to one run folder's measurements.csv, flushing each row to disk."""
+
+    path: Path
+    command: str
+    columns: list[str]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, path: Path | str, command: str, *, argv: Iterable[str] | None = None,
+               extra_meta: dict | None = None) -> "RunWriter":
+        path = Path(path)
+        if path.exists() and (path / MEASUREMENTS).exists():
+            raise UserError(f"run folder {path} already exists; use --resume {path} to add to it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write run folder {path}: {e.strerror or e}") from None
+        columns = schema.columns(command)
+        meta = {
+            "command": command,
+            "argv": list(argv) if argv is not None else list(sys.argv),
+            "mmprof_version": __version__,
+            "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "python": sys.version.split()[0],
+            "start_utc": utc_now(),
+            "end_utc": None,
+            "columns": columns,
+        }
+        meta.update(extra_meta or {})
+        writer = cls(path=path, command=command, columns=columns, meta=meta)
+        _write_json_atomic(path / META, meta)
+        with open(path / MEASUREMENTS, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+            f.flush()
+            os.fsync(f.fileno())
+        return writer
+
+    @classmethod
+    def resume(cls, path: Path | str, command: str) -> "RunWriter":
+        run = read_run(path)
+        if run.meta.get("command") != command:
+            raise UserError(f"run {path} was written by {run.meta.get('command')!r}, not {command!r}")
+        columns = list(run.columns)
+        meta = dict(run.meta)
+        meta.setdefault("resumed_utc", []).append(utc_now())
+        writer = cls(path=Path(path), command=command, columns=columns, meta=meta)
+        _write_json_atomic(writer.path / META, meta)
+        return writer
+
+    def append(self, row: dict[str, Any]) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise ValueError(f"columns not in the {self.command} schema: {sorted(unknown)}")
+        status = row.get("status")
+        if status not in schema.STATUS_VALUES:
+            raise ValueError(f"row status must be one of {schema.STATUS_VALUES}, got {status!r}")
+        line = [_format_cell(row.get(c)) for c in self.columns]
+        with open(self.path / MEASUREMENTS, "a", newline="") as f:
+            csv.writer(f).writerow(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def update_meta(self, **items: Any) -> None:
+        self.meta.update(items)
+        _write_json_atomic(self.path / META, self.meta)
+
+    def finish(self) -> None:
+        self.update_meta(end_utc=utc_now())
+
+    def trace_path(self, name: str) -> Path:
+        return self.path / name
+
+
+@dataclass
+class Run:
+    path: Path
+    meta: dict
+    df: pd.DataFrame
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name if self.path.is_dir() else self.path.stem
+
+    @property
+    def command(self) -> str | None:
+        return self.meta.get("command")
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.df.columns)
+
+
+def read_csv(path: Path, *, raw: bool = False) -> pd.DataFrame:
+    """Read a measurements CSV. `raw=True` keeps every cell as the exact stored text ('' when empty)."""
+    try:
+        if raw:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_csv(path, keep_default_na=True)
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"malformed CSV {path}: {first}") from None
+    if "status" not in df.columns:
+        raise UserError(f"malformed CSV {path}: no 'status' column")
+    bad = set(df["status"].dropna().astype(str)) - set(schema.STATUS_VALUES)
+    if bad:
+        raise UserError(f"malformed CSV {path}: unknown status values {sorted(bad)}")
+    return df
+
+
+def read_run(path: Path | str, *, raw: bool = False) -> Run:
+    """Read a run folder (or a bare measurements CSV) into a Run with a pandas DataFrame.
+
+    `raw=True` keeps cells as the stored text, so renderings show exactly the stored numbers."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such run: {path}")
+    if path.is_dir():
+        csv_path = path / MEASUREMENTS
+        if not csv_path.exists():
+            raise UserError(f"not a run folder (no {MEASUREMENTS}): {path}")
+        meta_path = path / META
+        meta: dict = {}
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed {meta_path}: {e.msg} at line {e.lineno}") from None
+        return Run(path=path, meta=meta, df=read_csv(csv_path, raw=raw))
+    sibling_meta = path.parent / META
+    meta = {}
+    if path.name == MEASUREMENTS and sibling_meta.exists():
+        try:
+            meta = json.loads(sibling_meta.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        return Run(path=path.parent, meta=meta, df=read_csv(path, raw=raw))
+    return Run(path=path, meta=meta, df=read_csv(path, raw=raw))
+
+
+def done_keys(run: Run, key_columns: list[str]) -> set[tuple[str, ...]]:
+    """Spec keys of the rows already in a run, as strings, for --resume."""
+    df = run.df
+    missing = [c for c in key_columns if c not in df.columns]
+    if missing:
+        raise UserError(f"run {run.path} lacks columns {missing}")
+    return {tuple(_key_cell(v) for v in rec) for rec in df[key_columns].itertuples(index=False)}
+
+
+def _key_cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def row_key(row: dict[str, Any], key_columns: list[str]) -> tuple[str, ...]:
+    return tuple(_key_cell(row.get(c)) for c in key_columns)
