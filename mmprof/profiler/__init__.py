@@ -1,0 +1,22 @@
+"""Measuring: NVML and host sampling, energy windows, memory tracking, timing.
+
+    from mmprof.profiler import Profiler
+"""
+
+from .bandwidth import copy_bandwidth_gbps
+from .fake import fake_tensor_mode
+from .gpu import GpuSource, NvmlUnavailable, Unavailable
+from .host import HostSource, RaplUnavailable
+from .measurement import Measurement
+from .nvml import NvmlGpu, open_gpus
+from .profiler import Profiler, WindowHandle
+from .sysinfo import system_info
+from .timing import TimingStats, time_fn
+from .tracker import CATEGORIES, MemoryTracker
+from .trace import Phase
+
+__all__ = [
+    "CATEGORIES", "GpuSource", "HostSource", "Measurement", "MemoryTracker", "NvmlGpu", "NvmlUnavailable",
+    "Phase", "Profiler", "RaplUnavailable", "TimingStats", "Unavailable", "WindowHandle", "copy_bandwidth_gbps",
+    "fake_tensor_mode", "open_gpus", "system_info", "time_fn",
+]
