@@ -95,3 +95,181 @@ def export(runs: tuple[str, ...], csv_path: str | None, latex_path: str | None, 
     n = export_runs(loaded, fmt, Path(dest))
     click.echo(f"wrote {n} rows from {len(loaded)} run(s) to {dest}")
 
+
+
+def _open_writer(command: str, out: str | None, resume: str | None, device: str):
+    """A new run folder (or the resumed one) with GPU and driver in its meta.json."""
+    from mmprof.results import RunWriter, default_run_dir
+
+    if out and resume:
+        raise UserError("give --out or --resume, not both")
+    if resume:
+        return RunWriter.resume(resume, command)
+    from mmprof.profiler import system_info
+
+    info = system_info()
+    meta = {"system": info}
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        gpus = info.get("gpus") if isinstance(info.get("gpus"), list) else []
+        gpu = next((g for g in gpus if g.get("index") == index), gpus[0] if gpus else {})
+        meta.update(gpu=gpu.get("name"), driver=gpu.get("driver"))
+    path = Path(out) if out else default_run_dir(command)
+    return RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
+
+
+def _progress(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+@main.command("train-memory")
+@click.option("--size", default="1.3b", show_default=True, help="tiny | 370m | 1.3b | 2.7b | 13b")
+@click.option("--arch", default="mmfree,transformer", show_default=True)
+@click.option("--bitlinear", default="fused,vanilla", show_default=True)
+@click.option("--batch", default="1,2,4,8,16,32", show_default=True)
+@click.option("--seq", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="timed steps (more when needed to fill --min-window-s)")
+@click.option("--warmup", type=click.IntRange(min=1), default=2, show_default=True,
+              help="untimed steps first (the first one allocates the optimizer state)")
+@click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu | meta")
+@click.option("--gpus", default=None, help="GPU index (default 0)")
+@click.option("--precision", type=click.Choice(["bf16-autocast", "bf16", "fp32"]), default="bf16-autocast",
+              show_default=True)
+@click.option("--estimate", is_flag=True, help="on a GPU, add the no-GPU estimate and its error")
+@click.option("--min-window-s", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="dense bf16 peak for MFU (default: the GPU's datasheet figure)")
+@click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-train-memory)")
+@click.option("--resume", default=None, help="add the missing configurations to this run folder")
+@click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
+def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
+                 min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
+    """Training memory, time and energy: fused vs vanilla BitLinear vs Transformer++."""
+    from mmprof.results import FORMATS, done_keys, read_run, render, row_key
+    from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
+    from mmprof.runners import train_memory as tm
+    from mmprof.runners.sweep import parse_list, positive_int, resolve_device
+    from mmprof.workloads import get_config
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    get_config(size)
+    spec = tm.TrainMemorySpec(
+        size=size,
+        archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
+        bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("fused", "vanilla"))),
+        batches=tuple(parse_list(batch, "batch", positive_int)),
+        seq=seq, steps=steps, warmup=warmup, device=resolve_device(device, gpus), precision=precision,
+        estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
+    )
+    skip = done_keys(read_run(resume), tm.KEY_COLUMNS) if resume else set()
+    writer = _open_writer("train-memory", out, resume, spec.device)
+    spec = tm.with_gpu_name(spec, writer.meta.get("gpu"))
+    todo = tm.configs(spec)
+    with _progress(len(todo)) as bar:
+        task = bar.add_task(f"train-memory {size}", total=len(todo))
+
+        def started(cfg):
+            bar.update(task, description=f"train-memory {size} {cfg.label}")
+
+        def emit(row):
+            writer.append(row)
+            bar.advance(task)
+
+        tm.run(spec, emit, skip=skip, key=lambda r: row_key(r, tm.KEY_COLUMNS),
+               trace_path=writer.trace_path("power_trace.csv"), on_start=started)
+        bar.update(task, completed=len(todo))
+    writer.finish()
+    run = read_run(writer.path)
+    summary = train_memory_summary(run.df[run.df["status"].isin(["ok", "oom"])]) if len(run.df) else None
+    if fmt == "table":
+        from mmprof.results import build_report
+        click.echo(render(build_report([read_run(writer.path, raw=True)]), "table", title=str(writer.path)),
+                   nl=False)
+        if summary is not None and len(summary):
+            click.echo(render(summary, "table", title=PAPER_TRAIN), nl=False)
+    else:
+        from mmprof.results import build_report
+        click.echo(render(build_report([read_run(writer.path, raw=True)]), fmt), nl=False)
+    click.echo(f"run folder: {writer.path}", err=True)
+
+
+@main.command()
+@click.argument("run")
+@click.option("--out", "out_path", default=None, help="figure file (default RUN/plot.png)")
+def plot(run: str, out_path: str | None) -> None:
+    """Plot a run: memory and step time vs batch, or power over time with phases marked."""
+    from mmprof.results import read_run
+    from mmprof.results.plots import plot_run
+
+    loaded = read_run(run)
+    dest = Path(out_path) if out_path else loaded.path / "plot.png"
+    click.echo(f"wrote {plot_run(loaded, dest)}")
+
+
+@main.command("decode-power")
+@click.option("--size", default="1.3b", show_default=True, help="one size or a list: 370m,1.3b,2.7b")
+@click.option("--arch", default="mmfree,transformer", show_default=True)
+@click.option("--weights", type=click.Choice(["fake-quant", "packed", "bf16"]), default="fake-quant",
+              show_default=True, help="MatMul-free weights; the transformer always decodes bf16")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--min-window-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="repeats are added until the decode windows add up to this")
+@click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
+@click.option("--gpus", default=None, help="GPU index (default 0)")
+@click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-decode-power)")
+@click.option("--resume", default=None, help="add the missing configurations to this run folder")
+@click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
+def decode_power(size, arch, weights, batch, prompt_len, new_tokens, repeats, min_window_s, device, gpus,
+                 idle_s, out, resume, fmt) -> None:
+    """Decoding speed, latency, memory, power and energy per token for both models."""
+    from mmprof.results import FORMATS, build_report, done_keys, read_run, render, row_key
+    from mmprof.results.summaries import PAPER_DECODE, decode_summary
+    from mmprof.runners import decode_power as dp
+    from mmprof.runners.sweep import parse_list, resolve_device
+    from mmprof.workloads import get_config
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    sizes = parse_list(size, "size", str)
+    for s in sizes:
+        get_config(s)
+    resolved = resolve_device(device, gpus)
+    if resolved == "meta":
+        resolved = "cpu"            # decoding is measured, never estimated: no GPU means the CPU
+    spec = dp.DecodeSpec(
+        sizes=tuple(sizes), archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
+        weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        device=resolved, min_window_s=min_window_s, idle_s=idle_s,
+    )
+    todo = dp.configs(spec)          # refuses unsupported weights before anything is written
+    skip = done_keys(read_run(resume), dp.KEY_COLUMNS) if resume else set()
+    writer = _open_writer("decode-power", out, resume, spec.device)
+    with _progress(len(todo)) as bar:
+        task = bar.add_task("decode-power", total=len(todo))
+
+        def emit(row):
+            writer.append(row)
+            bar.advance(task)
+
+        dp.run(spec, emit, skip=skip, key=lambda r: row_key(r, dp.KEY_COLUMNS),
+               trace_path=writer.trace_path("power_trace.csv"),
+               on_start=lambda cfg: bar.update(task, description=f"decode-power {cfg.label}"))
+    writer.finish()
+    frame = build_report([read_run(writer.path, raw=True)])
+    click.echo(render(frame, fmt, title=str(writer.path) if fmt == "table" else None), nl=False)
+    if fmt == "table":
+        summary = decode_summary(read_run(writer.path).df)
+        if len(summary):
+            click.echo(render(summary, "table", title=PAPER_DECODE), nl=False)
+    click.echo(f"run folder: {writer.path}", err=True)

@@ -92,7 +92,8 @@ class Profiler:
         if self.trace_path is not None:
             path = self.trace_path if self.trace_path.suffix == ".csv" else self.trace_path / "power_trace.csv"
             write_power_trace(path, self._sampler.traces if self._sampler else [], self._t0)
-            write_phases(path.parent / "phases.csv", self.phases)
+            name = path.name.replace("power_trace", "phases") if "power_trace" in path.name else "phases.csv"
+            write_phases(path.with_name(name), self.phases)
 
     def _open_gpus(self) -> tuple[list[GpuSource], str | None]:
         if self._gpu_source is not None:

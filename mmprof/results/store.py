@@ -156,7 +156,13 @@ class RunWriter:
         self.update_meta(end_utc=utc_now())
 
     def trace_path(self, name: str) -> Path:
-        return self.path / name
+        """A path for a time series in the run folder that never overwrites an existing file."""
+        path = self.path / name
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.path / f"{Path(name).stem}-{n}{Path(name).suffix}"
+        return path
 
 
 @dataclass

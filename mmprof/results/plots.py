@@ -1,0 +1,100 @@
+"""Figures from run folders: memory and step time vs batch (train-memory); power over time (decode-power)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mmprof.errors import UserError  # noqa: E402
+from mmprof.results.store import Run  # noqa: E402
+
+PHASE_COLOURS = {"prefill": "tab:orange", "decode": "tab:green", "idle": "tab:gray"}
+
+
+def _impl(row) -> str:
+    impl = row.get("bitlinear")
+    return f"{row['arch']} ({impl})" if isinstance(impl, str) and impl else str(row["arch"])
+
+
+def plot_train_memory(run: Run, out: Path) -> Path:
+    df = run.df[run.df["status"] == "ok"].copy()
+    if df.empty:
+        raise UserError(f"run {run.path} has no ok rows to plot")
+    df["impl"] = [_impl(r) for _, r in df.iterrows()]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl, g in df.groupby("impl"):
+        g = g.sort_values("batch")
+        ax_mem.plot(g["batch"], g["peak_alloc_gib"], marker="o", label=f"{impl} peak")
+        if "act_mem_gib" in g and g["act_mem_gib"].notna().any():
+            ax_mem.plot(g["batch"], g["act_mem_gib"], marker="x", linestyle="--", label=f"{impl} activations")
+        if "step_time_s" in g and g["step_time_s"].notna().any():
+            ax_time.plot(g["batch"], g["step_time_s"], marker="o", label=impl)
+    oom = run.df[run.df["status"] == "oom"]
+    for _, r in oom.iterrows():
+        ax_mem.axvline(r["batch"], color="red", alpha=0.25)
+        ax_mem.text(r["batch"], ax_mem.get_ylim()[1] * 0.95, f"OOM {_impl(r)}", rotation=90, fontsize=7,
+                    color="red", va="top")
+    size = df["size"].iloc[0] if "size" in df else ""
+    seq = df["seq"].iloc[0] if "seq" in df else ""
+    gpu = run.meta.get("gpu") or df["device"].iloc[0]
+    ax_mem.set(xscale="log", xlabel="batch", ylabel="GiB", title=f"training memory, {size}, seq {seq}, {gpu}")
+    ax_time.set(xscale="log", xlabel="batch", ylabel="s / step", title="step time")
+    for ax in (ax_mem, ax_time):
+        ax.set_xticks(sorted(df["batch"].unique()))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_power(run: Run, out: Path) -> Path:
+    traces = sorted(run.path.glob("power_trace*.csv"))
+    if not traces:
+        raise UserError(f"run {run.path} has no power_trace.csv to plot")
+    trace = pd.concat([pd.read_csv(t) for t in traces], ignore_index=True)
+    if trace.empty or trace["power_w"].isna().all():
+        raise UserError(f"run {run.path} has no power samples (no NVML during the run)")
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for gpu, g in trace.groupby("gpu"):
+        ax.plot(g["t_s"], g["power_w"], linewidth=0.8, label=f"GPU {gpu}")
+    phase_files = sorted(run.path.glob("phases*.csv"))
+    if phase_files:
+        phases = pd.concat([pd.read_csv(f) for f in phase_files], ignore_index=True)
+        seen = set()
+        for _, p in phases.iterrows():
+            kind = str(p["label"]).split()[0]
+            if kind not in PHASE_COLOURS:
+                continue
+            colour = PHASE_COLOURS.get(kind, "tab:blue")
+            ax.axvspan(p["t_start_s"], p["t_end_s"], color=colour, alpha=0.15,
+                       label=kind if kind not in seen else None)
+            seen.add(kind)
+    ax.set(xlabel="time since start, s", ylabel="W", title=f"GPU power, {run.run_id} ({run.meta.get('gpu', '')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    try:
+        fig.tight_layout()
+        fig.savefig(out, dpi=130)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_run(run: Run, out: Path) -> Path:
+    if run.command == "train-memory":
+        return plot_train_memory(run, out)
+    if run.command == "decode-power":
+        return plot_power(run, out)
+    raise UserError(f"no plot for runs of {run.command!r}; plot takes train-memory and decode-power runs")

@@ -1,0 +1,102 @@
+"""Pieces every sweep shares: parsing list options, device choice, OOM detection and clean-up."""
+
+from __future__ import annotations
+
+import gc
+import re
+from typing import Callable, TypeVar
+
+import torch
+
+from mmprof.errors import UserError
+
+T = TypeVar("T")
+
+# Datasheet dense bf16 peaks (TFLOP/s, no sparsity) for MFU. MFU is empty for a GPU not listed here,
+# unless --peak-tflops is given. Power and energy are never derived from a table.
+DENSE_BF16_TFLOPS = {
+    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0,
+}
+
+
+def parse_list(text: str, name: str, cast: Callable[[str], T], allowed: tuple | None = None) -> list[T]:
+    items = [p.strip() for p in str(text).split(",")]
+    if not items or any(p == "" for p in items):
+        raise UserError(f"--{name}: malformed list {text!r}; use comma-separated values like 1,2,4")
+    out = []
+    for p in items:
+        try:
+            v = cast(p)
+        except ValueError:
+            raise UserError(f"--{name}: {p!r} is not a valid value") from None
+        if allowed is not None and v not in allowed:
+            raise UserError(f"--{name}: unknown value {p!r}; choose from {', '.join(map(str, allowed))}")
+        out.append(v)
+    return out
+
+
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) <= 0:
+        raise ValueError(text)
+    return int(text)
+
+
+def resolve_device(device: str, gpus: str | None) -> str:
+    """auto -> cuda:<first of --gpus> when CUDA is present, else meta (an estimate on fake tensors)."""
+    indices = parse_list(gpus, "gpus", _gpu_index) if gpus else [0]
+    if len(indices) != 1:
+        raise UserError("--gpus: a single-process run measures one GPU; use torchrun for several")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "meta"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible")
+        n = torch.cuda.device_count()
+        if indices[0] >= n:
+            raise UserError(f"--gpus: GPU index {indices[0]} does not exist ({n} visible)")
+        return f"cuda:{indices[0]}"
+    if device in ("cpu", "meta"):
+        return device
+    raise UserError(f"--device: unknown device {device!r}; choose auto, cuda, cpu or meta")
+
+
+def _gpu_index(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_memory(device: str) -> None:
+    """Free everything a failed or finished configuration left, so the next row starts clean."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_tflops(name: str | None, override: float | None) -> float | None:
+    if override:
+        return override
+    if not name:
+        return None
+    for key, tflops in DENSE_BF16_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+GIB = float(1 << 30)

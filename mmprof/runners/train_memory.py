@@ -1,0 +1,214 @@
+"""`train-memory`: training memory, time and energy per (arch, BitLinear impl, batch), or an estimate."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+
+from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, time_fn
+from mmprof.runners.sweep import GIB, gpu_peak_tflops, is_oom, one_line, release_memory
+from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
+
+KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "device", "shard", "world_size", "rank"]
+
+
+@dataclass(frozen=True)
+class TrainMemorySpec:
+    size: str
+    archs: tuple[str, ...] = ("mmfree", "transformer")
+    bitlinears: tuple[str, ...] = ("fused", "vanilla")
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    seq: int = 2048
+    steps: int = 5
+    warmup: int = 2
+    device: str = "meta"          # resolved: cuda:N | cpu | meta
+    precision: str = "bf16-autocast"
+    estimate: bool = False        # on a real device, add the fake-tensor estimate beside the measurement
+    min_window_s: float = 1.0     # the energy window is stretched (more steps) to at least this long
+    idle_s: float = 2.0
+    sample_hz: float = 100.0
+    peak_tflops: float | None = None
+    gpu_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str
+    bitlinear: str   # "" for the transformer
+    batch: int
+
+    def spec_row(self, spec: TrainMemorySpec) -> dict:
+        return {
+            "arch": self.arch, "size": spec.size, "bitlinear": self.bitlinear, "batch": self.batch,
+            "seq": spec.seq, "steps": spec.steps, "warmup": spec.warmup, "device": spec.device,
+            "precision": spec.precision, "shard": "none", "world_size": 1, "rank": 0,
+            "estimated": 1 if spec.device == "meta" else 0,
+        }
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}{'-' + self.bitlinear if self.bitlinear else ''} b{self.batch}"
+
+
+def configs(spec: TrainMemorySpec) -> list[Config]:
+    """Every arch x implementation over the batch list, in the order the sweep runs them."""
+    out = []
+    for arch in spec.archs:
+        impls = spec.bitlinears if arch == "mmfree" else ("",)
+        for impl in impls:
+            out += [Config(arch, impl, b) for b in spec.batches]
+    return out
+
+
+def _train_spec(cfg: Config, spec: TrainMemorySpec) -> TrainSpec:
+    return TrainSpec(arch=cfg.arch, size=spec.size, bitlinear=cfg.bitlinear or "fused", batch=cfg.batch,
+                     seq=spec.seq, precision=spec.precision)
+
+
+def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
+    """Peak memory of one training step on fake tensors: no GPU, no real memory, seconds."""
+    with fake_tensor_mode():
+        trainer = make_trainer(_train_spec(cfg, spec), "cpu")
+        trainer.step()                      # the first step allocates the optimizer state
+        with MemoryTracker(trainer.model, trainer.optimizer) as tracker:
+            before = tracker.current_bytes()
+            trainer.step()
+    return _tracker_row(tracker, before)
+
+
+def _tracker_row(tracker: MemoryTracker, before: int) -> dict:
+    cats = tracker.peak_bytes_by_category
+    current = tracker.current_bytes_by_category()
+    return {
+        "peak_alloc_gib": tracker.peak_bytes / GIB,
+        "act_mem_gib": (tracker.peak_bytes - before) / GIB,
+        "param_gib": current.get("params", 0) / GIB,
+        "grad_gib": tracker.max_bytes_by_category.get("grads", 0) / GIB,
+        "optim_gib": current.get("optim", 0) / GIB,
+        "tracker_act_gib": cats.get("activations", 0) / GIB,
+        "tracker_temp_gib": cats.get("temporaries", 0) / GIB,
+    }
+
+
+def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
+    """Warm up, then time and meter a window of steps; then one step under the live-tensor tracker."""
+    trainer = make_trainer(_train_spec(cfg, spec), spec.device)
+    cuda = spec.device.startswith("cuda")
+    warm_s = []
+    for _ in range(spec.warmup):
+        t0 = time.perf_counter()
+        trainer.step()
+        if cuda:
+            torch.cuda.synchronize(spec.device)
+        warm_s.append(time.perf_counter() - t0)
+    steps = max(spec.steps, math.ceil(spec.min_window_s / min(warm_s))) if warm_s else spec.steps
+    if cuda:
+        torch.cuda.synchronize(spec.device)
+    before = torch.cuda.memory_allocated(spec.device) if cuda else None
+    with prof.window(cfg.label) as win:
+        timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)
+    m = win.measurement
+    with MemoryTracker(trainer.model, trainer.optimizer) as tracker:
+        tracker_before = tracker.current_bytes()
+        trainer.step()
+    tokens = cfg.batch * spec.seq
+    row = _tracker_row(tracker, tracker_before)
+    row.update({k: v for k, v in m.row().items() if k in _MEASURED_KEYS})
+    if cuda:
+        row["act_mem_gib"] = m.peak_alloc_gib - before / GIB
+    row.update({
+        "step_time_s": timing.median_s, "step_time_iqr_s": timing.iqr_s, "n_steps": timing.n,
+        "tokens_per_s": tokens / timing.median_s,
+    })
+    tflops = gpu_peak_tflops(spec.gpu_name, spec.peak_tflops) if cuda else spec.peak_tflops
+    if tflops:
+        flops = model_flops_per_token(get_config(spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
+        row["mfu"] = flops / (tflops * 1e12)
+    if m.energy_j is not None:
+        row["energy_per_step_j"] = m.energy_j / timing.n
+        row["j_per_token"] = m.energy_j / (timing.n * tokens)
+        if m.energy_above_idle_j is not None:
+            row["energy_above_idle_per_step_j"] = m.energy_above_idle_j / timing.n
+            row["j_per_token_above_idle"] = m.energy_above_idle_j / (timing.n * tokens)
+    notes = [f"{k}: {v}" for k, v in (m.unavailable or {}).items()]
+    if not cuda:
+        notes.append("no CUDA allocator: memory columns are the live-tensor tracker's")
+    row["note"] = "; ".join(notes)
+    del trainer
+    return row
+
+
+_MEASURED_KEYS = {
+    "peak_alloc_gib", "peak_reserved_gib", "nvml_mem_used_gib", "power_avg_w", "power_peak_w", "idle_power_w",
+    "energy_window_s", "energy_integral_j", "n_power_samples", "low_confidence", "host_rss_peak_gib",
+    "cpu_util_pct", "cpu_energy_j",
+}
+
+
+def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),
+        key: Callable[[dict], tuple] | None = None, trace_path=None,
+        on_start: Callable[[Config], None] | None = None) -> list[dict]:
+    """Run the sweep; `emit` gets each finished row (the caller appends it to the run folder)."""
+    skip = set(skip)
+    rows: list[dict] = []
+    stopped: set[tuple[str, str]] = set()
+    todo = configs(spec)
+    if spec.device == "meta":
+        for cfg in todo:
+            if on_start:
+                on_start(cfg)
+            row = cfg.spec_row(spec)
+            if key and key(row) in skip:
+                continue
+            row.update(_guarded(lambda: estimate(cfg, spec), spec.device))
+            row["note"] = _join(row.get("note"), "estimated on fake tensors: time, energy and power not measured")
+            emit(row)
+            rows.append(row)
+        return rows
+    with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
+                  trace_path=trace_path) as prof:
+        for cfg in todo:
+            if on_start:
+                on_start(cfg)
+            row = cfg.spec_row(spec)
+            if (cfg.arch, cfg.bitlinear) in stopped or (key and key(row) in skip):
+                continue
+            row.update(_guarded(lambda: measure(cfg, spec, prof), spec.device))
+            if row["status"] == "ok" and spec.estimate:
+                est = _guarded(lambda: estimate(cfg, spec), "cpu")
+                if est["status"] == "ok" and row.get("peak_alloc_gib"):
+                    row["est_peak_alloc_gib"] = est["peak_alloc_gib"]
+                    row["est_error_pct"] = (est["peak_alloc_gib"] / row["peak_alloc_gib"] - 1) * 100
+            if row["status"] == "oom":
+                stopped.add((cfg.arch, cfg.bitlinear))
+            emit(row)
+            rows.append(row)
+    return rows
+
+
+def _guarded(fn: Callable[[], dict], device: str) -> dict:
+    """Run one configuration; out-of-memory and other failures become a row, never a crash."""
+    failure: str | None = None
+    status = "ok"
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its message
+        status = "oom" if is_oom(exc) else "error"
+        failure = one_line(exc)
+        result = None
+    release_memory(device)
+    if result is None:
+        return {"status": status, "note": failure}
+    return {"status": "ok", **result}
+
+
+def _join(*parts: str | None) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def with_gpu_name(spec: TrainMemorySpec, name: str | None) -> TrainMemorySpec:
+    return replace(spec, gpu_name=name)

@@ -1,0 +1,131 @@
+"""The MatMul-free LM ("HGRNBit" in the reference code), parameter names as its checkpoints.
+
+Per block (residual stream x):  h = attn_norm(x);  x = x + MLGRU(h);  x = x + GLU(mlp_norm(x)).
+MLGRU:  f = sigmoid(f_proj h), raised by the layer's lower bound for layers > 0;
+        i = silu(i_proj h) * (1 - f);  c_t = f_t c_{t-1} + i_t;  o_proj(RMSNorm(g_proj h) * w_g * silu(c)).
+GLU:    a, b = split(gate_proj h);  down_proj(silu(a) * b).
+Every projection, lm_head included, is a ternary BitLinear; the embedding is a plain table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmprof.kernels.bitlinear import IMPLS, BitLinear
+from mmprof.workloads.layers import ModelOutput, RMSNorm, lm_loss, rms_norm_swish_gate
+from mmprof.workloads.mlgru_scan import mlgru_scan
+from mmprof.workloads.presets import ModelConfig
+
+
+def layer_lower_bounds(lower_bounds: Tensor) -> Tensor:
+    """[layers, d] parameter -> per-layer lower bounds: cumsum(softmax over layers) minus row 0."""
+    s = lower_bounds.float().softmax(0)
+    return s.cumsum(0) - s[0]
+
+
+def mlgru_gates(f_pre: Tensor, i_pre: Tensor, lower_bound: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Forget and input gates from the projections: f after sigmoid and lower bound, i = silu * (1-f)."""
+    f = torch.sigmoid(f_pre)
+    if lower_bound is not None:
+        f = lower_bound + (1 - lower_bound) * f
+    return f, F.silu(i_pre) * (1 - f)
+
+
+class MLGRU(nn.Module):
+    """The token mixer (`attn` in the reference names)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, bitlinear: str):
+        super().__init__()
+        d = cfg.hidden_size
+        self.layer_idx = layer_idx
+        self.i_proj = BitLinear(d, d, bitlinear)
+        self.f_proj = BitLinear(d, d, bitlinear)
+        self.g_proj = BitLinear(d, d, bitlinear)
+        self.g_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.o_proj = BitLinear(d, d, bitlinear)
+
+    def forward(self, h: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        lb = lower_bound if self.layer_idx > 0 else None
+        f, i = mlgru_gates(self.f_proj(h), self.i_proj(h), lb)
+        c, final_state = mlgru_scan(f, i, state)
+        o = rms_norm_swish_gate(self.g_proj(h), self.g_norm.weight, c, self.g_norm.eps)
+        return self.o_proj(o), final_state
+
+
+class GLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, bitlinear: str):
+        super().__init__()
+        self.gate_proj = BitLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bitlinear)
+        self.down_proj = BitLinear(cfg.intermediate_size, cfg.hidden_size, bitlinear)
+
+    def forward(self, h: Tensor) -> Tensor:
+        a, b = self.gate_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(a) * b)
+
+
+class MMFreeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, bitlinear: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLGRU(cfg, layer_idx, bitlinear)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GLU(cfg, bitlinear)
+
+    def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        mixed, new_state = self.attn(self.attn_norm(x), lower_bound, state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), new_state
+
+
+class MMFreeBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, bitlinear: str):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.use_lower_bound:
+            self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_layers, cfg.hidden_size))
+        self.layers = nn.ModuleList(MMFreeBlock(cfg, n, bitlinear) for n in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MMFreeLM(nn.Module):
+    """`model(input_ids, labels=None, state=None) -> ModelOutput`; state: list of [B, d] fp32 per layer."""
+
+    arch = "mmfree"
+
+    def __init__(self, cfg: ModelConfig, bitlinear: str = "fused"):
+        super().__init__()
+        self.config = cfg
+        self.model = MMFreeBackbone(cfg, bitlinear)
+        self.lm_head = BitLinear(cfg.hidden_size, cfg.vocab_size, bitlinear)
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, state: list[Tensor] | None = None
+    ) -> ModelOutput:
+        body = self.model
+        x = body.embeddings(input_ids)
+        bounds = layer_lower_bounds(body.lower_bounds) if self.config.use_lower_bound else None
+        new_state = []
+        for n, layer in enumerate(body.layers):
+            x, layer_state = layer(x, bounds[n] if bounds is not None else None, state[n] if state else None)
+            new_state.append(layer_state)
+        logits = self.lm_head(body.norm(x))
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, state=new_state)
+
+    def init_state(self, batch: int, max_len: int | None = None, device=None) -> list[Tensor]:
+        """Zero recurrent states (fp32); max_len is not needed, the state has a fixed size."""
+        device = device if device is not None else self.lm_head.weight.device
+        return [torch.zeros(batch, self.config.hidden_size, device=device) for _ in self.model.layers]
+
+    def set_bitlinear(self, impl: str) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                module.impl = impl
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

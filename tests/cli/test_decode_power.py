@@ -1,0 +1,78 @@
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mmprof.cli import main
+from mmprof.profiler import Profiler
+from mmprof.runners import decode_power as dp
+from tests.profiler.fakes import ScriptedGpu
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_decode_rows_and_trace_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("decode-power", "--size", "tiny", "--device", "cpu", "--new-tokens", "8", "--prompt-len", "4",
+               "--repeats", "2", "--min-window-s", "0", "--idle-s", "0", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out / "measurements.csv")
+    assert sorted(df["arch"]) == ["mmfree", "transformer"] and set(df["status"]) == {"ok"}
+    assert (df["n_tokens_measured"] == 2 * 7).all()
+    assert (df["tokens_per_s"] > 0).all() and (df["latency_p50_ms"] > 0).all()
+    assert (df["latency_p50_ms"] <= df["latency_p99_ms"]).all()
+    assert (df["weights_gib"] > 0).all()
+    assert df["energy_j"].isna().all()          # no NVML on this machine; the note says why
+    assert df["note"].notna().all()
+    trace = pd.read_csv(out / "power_trace.csv")
+    assert list(trace.columns)[:3] == ["t_s", "gpu", "power_w"]
+    phases = pd.read_csv(out / "phases.csv")
+    assert phases["label"].str.startswith("prefill").any() and phases["label"].str.startswith("decode").any()
+
+
+def test_short_window_is_extended_with_repeats(tmp_path):
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("mmfree",), batch=1, prompt_len=2, new_tokens=3, repeats=1,
+                         device="cpu", min_window_s=0.3, idle_s=0)
+    rows = []
+    dp.run(spec, rows.append)
+    row = rows[0]
+    assert row["status"] == "ok", row
+    assert row["repeats"] > 1 and row["energy_window_s"] >= 0.3
+    assert row["n_tokens_measured"] == row["repeats"] * 2
+
+
+def test_energy_per_token_from_scripted_power(tmp_path):
+    gpu = ScriptedGpu(index=0, power_w=200.0)
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), prompt_len=2, new_tokens=6, repeats=2,
+                         device="cpu", min_window_s=0.5, idle_s=0)
+    with Profiler(device="cpu", gpu_source=gpu, idle_s=0.2, sample_hz=200) as prof:
+        row = dp.measure(dp.configs(spec)[0], spec, prof, None)
+    assert row["energy_j"] == pytest.approx(200.0 * row["energy_window_s"], rel=0.1)
+    assert row["j_per_token"] == pytest.approx(row["energy_j"] / row["n_tokens_measured"])
+    assert row["power_avg_w"] == pytest.approx(200.0, rel=0.02)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--weights", "packed"], "packed"),
+    (["--size", "70b"], "size"),
+    (["--batch", "0"], "--batch"),
+    (["--new-tokens", "1"], "--new-tokens"),
+    (["--arch", "gpt"], "unknown value"),
+])
+def test_decode_bad_input(tmp_path, args, needle):
+    out = tmp_path / "never"
+    r = invoke("decode-power", "--size", "tiny", "--device", "cpu", *args, "--out", str(out))
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.output
+    assert not out.exists()
+
+
+def test_plot_decode_power(tmp_path):
+    out = tmp_path / "run"
+    gpu_free = invoke("decode-power", "--size", "tiny", "--device", "cpu", "--new-tokens", "4", "--repeats", "1",
+                      "--min-window-s", "0", "--idle-s", "0", "--out", str(out))
+    assert gpu_free.exit_code == 0
+    r = invoke("plot", str(out))
+    assert r.exit_code == 2 and "no power samples" in r.output
