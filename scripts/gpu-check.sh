@@ -18,17 +18,18 @@ for stage in "${STAGES[@]}"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
     tests)
-      python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
-      python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$OUT/profiler-check.log" || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$OUT/profiler-check.log" || status=1 ;;
     kernels)
-      python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$OUT/bench-kernels.log" || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$OUT/bench-kernels.log" || status=1 ;;
     train)
-      mmprof train-memory --size "${TRAIN_SIZE:-1.3b}" --seq 2048 --batch "${TRAIN_BATCH:-1,2,4,8,16,32}" \
+      timeout "${STAGE_TIMEOUT:-600}" mmprof train-memory --size "${TRAIN_SIZE:-1.3b}" --seq 2048 --batch "${TRAIN_BATCH:-1,2,4,8,16,32}" \
         --estimate --out "$RUNS/train-memory" 2>&1 | tee "$OUT/train-memory.log" || status=1
       mmprof plot "$RUNS/train-memory" --out "$RUNS/train-memory/plot.png" || status=1 ;;
     decode)
-      mmprof decode-power --size "${DECODE_SIZES:-370m,1.3b,2.7b}" --out "$RUNS/decode-power" 2>&1 \
+      timeout "${STAGE_TIMEOUT:-600}" mmprof decode-power --size "${DECODE_SIZES:-370m,1.3b,2.7b}" \
+        --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power" 2>&1 \
         | tee "$OUT/decode-power.log" || status=1
       mmprof plot "$RUNS/decode-power" --out "$RUNS/decode-power/plot.png" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
