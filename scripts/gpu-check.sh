@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests profiler kernels train decode)
-pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 RUNS="$OUT/runs"
 mkdir -p "$RUNS"
@@ -24,14 +24,14 @@ for stage in "${STAGES[@]}"; do
     kernels)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$OUT/bench-kernels.log" || status=1 ;;
     train)
-      timeout "${STAGE_TIMEOUT:-600}" mmprof train-memory --size "${TRAIN_SIZE:-1.3b}" --seq 2048 --batch "${TRAIN_BATCH:-1,2,4,8,16,32}" \
+      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof train-memory --size "${TRAIN_SIZE:-1.3b}" --seq 2048 --batch "${TRAIN_BATCH:-1,2,4,8,16,32}" \
         --estimate --out "$RUNS/train-memory" 2>&1 | tee "$OUT/train-memory.log" || status=1
-      mmprof plot "$RUNS/train-memory" --out "$RUNS/train-memory/plot.png" || status=1 ;;
+      python3 -m mmprof plot "$RUNS/train-memory" --out "$RUNS/train-memory/plot.png" || status=1 ;;
     decode)
-      timeout "${STAGE_TIMEOUT:-600}" mmprof decode-power --size "${DECODE_SIZES:-370m,1.3b,2.7b}" \
+      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size "${DECODE_SIZES:-370m,1.3b,2.7b}" \
         --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power" 2>&1 \
         | tee "$OUT/decode-power.log" || status=1
-      mmprof plot "$RUNS/decode-power" --out "$RUNS/decode-power/plot.png" || status=1 ;;
+      python3 -m mmprof plot "$RUNS/decode-power" --out "$RUNS/decode-power/plot.png" || status=1 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done
