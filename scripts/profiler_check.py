@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write the check rows to")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--square-s", type=float, default=6.0, help="length of the square-wave window, s")
-    parser.add_argument("--rounds", type=int, default=16, help="interleaved rounds of the slowdown check")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the slowdown check")
     args = parser.parse_args(argv)
 
     import torch
