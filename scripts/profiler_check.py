@@ -121,61 +121,27 @@ def sampling_slowdown(device: str, rounds: int) -> list[dict]:
     return rows
 
 
-def _small_lm():
-    from torch import nn
-
-    class SmallLm(nn.Module):
-        def __init__(self, vocab=32000, d=1024, heads=16, layers=6):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, d)
-            self.blocks = nn.ModuleList(
-                nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True) for _ in range(layers))
-            self.norm = nn.LayerNorm(d)
-            self.head = nn.Linear(d, vocab, bias=False)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            for block in self.blocks:
-                h = block(h)
-            return self.head(self.norm(h))
-
-    return SmallLm()
-
-
 def tracker_vs_allocator(device: str, batch: int = 8, seq: int = 1024) -> dict:
-    """(c) One bf16-autocast AdamW step of a small transformer made of torch.nn layers."""
+    """(c) One training step (bf16 autocast, AdamW) of mmprof's own Transformer++ at 370m."""
     import torch
-    import torch.nn.functional as F
 
     from mmprof.profiler import MemoryTracker
+    from mmprof.workloads import TrainSpec, make_trainer
 
-    torch.manual_seed(0)
-    model = _small_lm().to(device)
-    vocab = model.head.out_features
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # optimizer state, cuBLAS workspaces and kernels exist before the measured step
+    trainer = make_trainer(TrainSpec(arch="transformer", size="370m", batch=batch, seq=seq), device)
+    trainer.step()  # optimizer state, cuBLAS workspaces and kernels exist before the measured step
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    with MemoryTracker(model, opt) as mt:
-        step()
+    with MemoryTracker(trainer.model, trainer.optimizer) as mt:
+        trainer.step()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     cats = mt.peak_bytes_by_category
     untracked = before - mt.start_bytes
     above_t, above_a = (mt.peak_bytes - mt.start_bytes) / _GIB, (peak - before) / _GIB
-    note = (f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, batch {batch}, seq {seq}; "
+    note = (f"Transformer++ 370m, {trainer.model.num_params() / 1e6:.0f}M params, batch {batch}, seq {seq}; "
             f"at the peak: " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in cats.items()) + " GiB; "
             f"allocated before the step but not a tensor the tracker sees: {untracked / 2**20:.1f} MiB; "
             f"peak above the start: tracker {above_t:.3f} GiB, allocator {above_a:.3f} GiB")

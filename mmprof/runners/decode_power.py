@@ -11,7 +11,7 @@ import torch
 
 from mmprof.errors import UserError
 from mmprof.profiler import Measurement, Profiler, copy_bandwidth_gbps
-from mmprof.runners.sweep import GIB, is_oom, one_line, release_memory
+from mmprof.runners.sweep import GIB, guarded, pending
 from mmprof.workloads import Decoder, build_model, weight_bytes
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision"]
@@ -209,22 +209,11 @@ def combine(ms: list[Measurement]) -> dict:
 def run(spec: DecodeSpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),
         key: Callable[[dict], tuple] | None = None, trace_path=None,
         on_start: Callable[[Config], None] | None = None) -> list[dict]:
-    skip = set(skip)
     rows = []
-    todo = configs(spec)
     with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s, trace_path=trace_path) as prof:
         copy_gbps = copy_bandwidth_gbps(spec.device) if spec.device.startswith("cuda") else None
-        for cfg in todo:
-            if on_start:
-                on_start(cfg)
-            row = cfg.spec_row(spec)
-            if key and key(row) in skip:
-                continue
-            try:
-                row.update(status="ok", **measure(cfg, spec, prof, copy_gbps))
-            except Exception as exc:  # noqa: BLE001 - a failed configuration is a row, not a crash
-                row.update(status="oom" if is_oom(exc) else "error", note=one_line(exc))
-            release_memory(spec.device)
+        for cfg, row in pending(configs(spec), lambda c: c.spec_row(spec), key=key, skip=skip, on_start=on_start):
+            row.update(guarded(lambda: measure(cfg, spec, prof, copy_gbps), spec.device))
             emit(row)
             rows.append(row)
     return rows

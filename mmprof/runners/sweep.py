@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import re
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 from mmprof.errors import UserError
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 # Datasheet dense bf16 peaks (TFLOP/s, no sparsity) for MFU. MFU is empty for a GPU not listed here,
 # unless --peak-tflops is given. Power and energy are never derived from a table.
@@ -100,3 +101,34 @@ def one_line(exc: BaseException) -> str:
 
 
 GIB = float(1 << 30)
+
+
+def pending(todo: Iterable[C], make_row: Callable[[C], dict], *, key: Callable[[dict], tuple] | None = None,
+            skip: Iterable[tuple] = (), on_start: Callable[[C], None] | None = None) -> Iterator[tuple[C, dict]]:
+    """(config, spec row) for each configuration not already in the run being resumed."""
+    skip = set(skip)
+    for cfg in todo:
+        if on_start:
+            on_start(cfg)
+        row = make_row(cfg)
+        if key and key(row) in skip:
+            continue
+        yield cfg, row
+
+
+def guarded(fn: Callable[[], dict], device: str) -> dict:
+    """Run one configuration; out-of-memory and other failures become a row, never a crash.
+
+    The exception (and the frames holding its tensors) is dropped before the memory is released."""
+    failure: str | None = None
+    status = "ok"
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its message
+        status = "oom" if is_oom(exc) else "error"
+        failure = one_line(exc)
+        result = None
+    release_memory(device)
+    if result is None:
+        return {"status": status, "note": failure}
+    return {"status": "ok", **result}

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, time_fn
-from mmprof.runners.sweep import GIB, gpu_peak_tflops, is_oom, one_line, release_memory
+from mmprof.runners.sweep import GIB, gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "device", "shard", "world_size", "rank"]
@@ -153,33 +153,24 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
         key: Callable[[dict], tuple] | None = None, trace_path=None,
         on_start: Callable[[Config], None] | None = None) -> list[dict]:
     """Run the sweep; `emit` gets each finished row (the caller appends it to the run folder)."""
-    skip = set(skip)
     rows: list[dict] = []
-    stopped: set[tuple[str, str]] = set()
-    todo = configs(spec)
+    todo = pending(configs(spec), lambda c: c.spec_row(spec), key=key, skip=skip, on_start=on_start)
     if spec.device == "meta":
-        for cfg in todo:
-            if on_start:
-                on_start(cfg)
-            row = cfg.spec_row(spec)
-            if key and key(row) in skip:
-                continue
-            row.update(_guarded(lambda: estimate(cfg, spec), spec.device))
+        for cfg, row in todo:
+            row.update(guarded(lambda: estimate(cfg, spec), spec.device))
             row["note"] = _join(row.get("note"), "estimated on fake tensors: time, energy and power not measured")
             emit(row)
             rows.append(row)
         return rows
+    stopped: set[tuple[str, str]] = set()
     with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
                   trace_path=trace_path) as prof:
-        for cfg in todo:
-            if on_start:
-                on_start(cfg)
-            row = cfg.spec_row(spec)
-            if (cfg.arch, cfg.bitlinear) in stopped or (key and key(row) in skip):
+        for cfg, row in todo:
+            if (cfg.arch, cfg.bitlinear) in stopped:
                 continue
-            row.update(_guarded(lambda: measure(cfg, spec, prof), spec.device))
+            row.update(guarded(lambda: measure(cfg, spec, prof), spec.device))
             if row["status"] == "ok" and spec.estimate:
-                est = _guarded(lambda: estimate(cfg, spec), "cpu")
+                est = guarded(lambda: estimate(cfg, spec), "cpu")
                 if est["status"] == "ok" and row.get("peak_alloc_gib"):
                     row["est_peak_alloc_gib"] = est["peak_alloc_gib"]
                     row["est_error_pct"] = (est["peak_alloc_gib"] / row["peak_alloc_gib"] - 1) * 100
@@ -188,22 +179,6 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
             emit(row)
             rows.append(row)
     return rows
-
-
-def _guarded(fn: Callable[[], dict], device: str) -> dict:
-    """Run one configuration; out-of-memory and other failures become a row, never a crash."""
-    failure: str | None = None
-    status = "ok"
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its message
-        status = "oom" if is_oom(exc) else "error"
-        failure = one_line(exc)
-        result = None
-    release_memory(device)
-    if result is None:
-        return {"status": status, "note": failure}
-    return {"status": "ok", **result}
 
 
 def _join(*parts: str | None) -> str:

@@ -4,8 +4,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from mmprof.profiler import MemoryTracker, NvmlUnavailable, Profiler, open_gpus, system_info, time_fn
 
@@ -81,42 +79,17 @@ def test_time_fn_uses_cuda_events():
     assert s.median_s == pytest.approx(host_s, rel=0.5)
 
 
-class _Lm(nn.Module):
-    def __init__(self, vocab=32000, d=1024, layers=4):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, 16, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h))
-
-
 def test_tracker_peak_matches_the_cuda_allocator():
-    torch.manual_seed(0)
-    model = _Lm().cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    from mmprof.workloads import TrainSpec, make_trainer
 
-    def step():
-        ids = torch.randint(0, 32000, (8, 513), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # optimizer state and library workspaces (~32 MiB, invisible to the tracker) exist before
+    trainer = make_trainer(TrainSpec(arch="transformer", size="370m", batch=2, seq=256), "cuda")
+    model, opt = trainer.model, trainer.optimizer
+    trainer.step()  # optimizer state and library workspaces (~32 MiB, invisible to the tracker) exist before
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with MemoryTracker(model, opt) as mt:
-        step()
+        trainer.step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     assert abs(mt.peak_bytes - peak) / peak < 0.05, (mt.peak_bytes, peak, mt.peak_bytes_by_category)
