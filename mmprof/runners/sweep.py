@@ -44,18 +44,20 @@ def positive_int(text: str) -> int:
 
 
 def resolve_device(device: str, gpus: str | None) -> str:
-    """auto -> cuda:<first of --gpus> when CUDA is present, else meta (an estimate on fake tensors)."""
+    """auto -> cuda:<first of --gpus> when CUDA is present, else meta (an estimate on fake tensors).
+
+    A --gpus index that no visible GPU has is an error whatever the device."""
     indices = parse_list(gpus, "gpus", _gpu_index) if gpus else [0]
     if len(indices) != 1:
         raise UserError("--gpus: a single-process run measures one GPU; use torchrun for several")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and indices[0] >= n:
+        raise UserError(f"--gpus: GPU index {indices[0]} does not exist ({n} visible)")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "meta"
+        device = "cuda" if n else "meta"
     if device == "cuda":
-        if not torch.cuda.is_available():
+        if not n:
             raise UserError("--device cuda: no CUDA device is visible")
-        n = torch.cuda.device_count()
-        if indices[0] >= n:
-            raise UserError(f"--gpus: GPU index {indices[0]} does not exist ({n} visible)")
         return f"cuda:{indices[0]}"
     if device in ("cpu", "meta"):
         return device

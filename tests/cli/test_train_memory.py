@@ -119,6 +119,7 @@ def test_resume_skips_finished_configurations(tmp_path):
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
     (["--gpus", "a"], "--gpus"),
+    (["--gpus", "7"], "GPU index 7 does not exist"),
     (["--format", "xml"], "unknown format"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
