@@ -19,8 +19,9 @@ dtype when autocast is on (as `F.linear` would), otherwise in the promoted dtype
 output has the matmul dtype.
 
 The fused op's bodies are looked up per device type in one place (`_bodies`); every device uses the
-plain-PyTorch bodies below unless a faster body is registered with `register_bodies` (the CUDA
-Triton body does this), so the saved tensors are the same on every device.
+plain-PyTorch bodies below unless a faster body is registered with `register_bodies`. On CUDA that
+is the Triton body of `bitlinear_prologue.py` (registered when first needed), which saves the same
+tensors, so the saving is the same on every device.
 """
 
 import contextlib
@@ -146,6 +147,8 @@ def register_bodies(device_type: str, forward: ForwardBody, backward: BackwardBo
 
 def _bodies(device_type: str) -> tuple[ForwardBody, BackwardBody]:
     """The one dispatch point: a registered body for this device, else the plain-PyTorch one."""
+    if device_type == "cuda" and device_type not in _REGISTERED:
+        from mmprof.kernels import bitlinear_prologue  # noqa: F401  (registers the Triton bodies)
     return _REGISTERED.get(device_type, (_forward_reference, _backward_reference))
 
 

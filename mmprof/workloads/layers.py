@@ -16,7 +16,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
+    logits: Tensor | None  # None when the loss was computed without them (the fused MatMul-free LM)
     loss: Tensor | None = None
     state: Any = None  # per-layer MLGRU states (MatMul-free) or the KV cache (Transformer++)
 
@@ -60,10 +60,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def next_token_targets(labels: Tensor) -> Tensor:
+    """labels [B, T] shifted left by one, IGNORE_INDEX at the end: position t predicts token t+1."""
+    return torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
+
+
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy: logits at t predict labels at t+1; computed in fp32.
 
     The labels are shifted (not the logits), so the big logits tensor is never copied by slicing.
     """
-    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
+    targets = next_token_targets(labels)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -5,6 +5,15 @@ MLGRU:  f = sigmoid(f_proj h), raised by the layer's lower bound for layers > 0;
         i = silu(i_proj h) * (1 - f);  c_t = f_t c_{t-1} + i_t;  o_proj(RMSNorm(g_proj h) * w_g * silu(c)).
 GLU:    a, b = split(gate_proj h);  down_proj(silu(a) * b).
 Every projection, lm_head included, is a ternary BitLinear; the embedding is a plain table.
+
+Two paths compute the same function. `vanilla` runs the ops one by one (the paper's unoptimised
+baseline; autograd keeps what it keeps). `fused` folds each BitLinear's preceding elementwise op
+into its input pass (`bitlinear_prologue`: attn_norm into i/f/g_proj, the residual add and mlp_norm
+into gate_proj, silu(a) * b into down_proj, the output gate into o_proj), runs the recurrence with
+the gates computed inside the kernel (`mlgru`) and the loss as a chunked cross-entropy through the
+ternary lm_head that never holds the logits. Per token and layer it keeps for backward only the
+residual x (fp32), the i/f/g pre-activations, the MLGRU output, the o_proj output and gate_proj's
+output; everything else is recomputed.
 """
 
 from __future__ import annotations
@@ -14,8 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import IMPLS, BitLinear
-from mmprof.workloads.layers import ModelOutput, RMSNorm, lm_loss, rms_norm_swish_gate
+from mmprof.kernels.bitlinear import IMPLS, BitLinear, matmul_dtype
+from mmprof.kernels.bitlinear_prologue import bitlinear_prologue, quantized_input, ternary_weight
+from mmprof.kernels.cross_entropy import linear_cross_entropy
+from mmprof.kernels.mlgru import mlgru
+from mmprof.workloads.layers import IGNORE_INDEX, ModelOutput, RMSNorm, lm_loss, next_token_targets, rms_norm_swish_gate
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.presets import ModelConfig
 
@@ -54,6 +66,24 @@ class MLGRU(nn.Module):
         o = rms_norm_swish_gate(self.g_proj(h), self.g_norm.weight, c, self.g_norm.eps)
         return self.o_proj(o), final_state
 
+    def forward_fused(
+        self, x: Tensor, norm: RMSNorm, lower_bound: Tensor | None, state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The same on the residual stream x, with `norm` (attn_norm) folded into the projections."""
+        projs = (self.i_proj, self.f_proj, self.g_proj)
+        (i_pre, f_pre, g_pre), _ = bitlinear_prologue(
+            "norm", x, [p.norm.weight for p in projs], [p.weight for p in projs],
+            pre_weight=norm.weight, pre_eps=norm.eps, eps=self.i_proj.eps,
+        )  # fmt: skip
+        if lower_bound is None or self.layer_idx == 0:
+            lower_bound = torch.zeros(x.shape[-1], device=x.device, dtype=torch.float32)
+        c, final_state = mlgru(f_pre, i_pre, lower_bound, state)
+        (out,), _ = bitlinear_prologue(
+            "norm_gate", g_pre, [self.o_proj.norm.weight], [self.o_proj.weight], aux=c,
+            pre_weight=self.g_norm.weight, pre_eps=self.g_norm.eps, eps=self.o_proj.eps,
+        )  # fmt: skip
+        return out, final_state
+
 
 class GLU(nn.Module):
     def __init__(self, cfg: ModelConfig, bitlinear: str):
@@ -65,6 +95,17 @@ class GLU(nn.Module):
         a, b = self.gate_proj(h).chunk(2, dim=-1)
         return self.down_proj(F.silu(a) * b)
 
+    def forward_fused(self, x: Tensor, mixed: Tensor, norm: RMSNorm) -> Tensor:
+        """x + mixed + GLU(norm(x + mixed)), with the add and `norm` (mlp_norm) folded into gate_proj."""
+        (ab,), x2 = bitlinear_prologue(
+            "add_norm", x, [self.gate_proj.norm.weight], [self.gate_proj.weight], aux=mixed,
+            pre_weight=norm.weight, pre_eps=norm.eps, eps=self.gate_proj.eps,
+        )  # fmt: skip
+        (out,), _ = bitlinear_prologue(
+            "glu", ab, [self.down_proj.norm.weight], [self.down_proj.weight], eps=self.down_proj.eps
+        )
+        return x2 + out
+
 
 class MMFreeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, bitlinear: str):
@@ -75,6 +116,9 @@ class MMFreeBlock(nn.Module):
         self.mlp = GLU(cfg, bitlinear)
 
     def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.attn.i_proj.impl == "fused":
+            mixed, new_state = self.attn.forward_fused(x, self.attn_norm, lower_bound, state)
+            return self.mlp.forward_fused(x, mixed, self.mlp_norm), new_state
         mixed, new_state = self.attn(self.attn_norm(x), lower_bound, state)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
@@ -111,9 +155,24 @@ class MMFreeLM(nn.Module):
         for n, layer in enumerate(body.layers):
             x, layer_state = layer(x, bounds[n] if bounds is not None else None, state[n] if state else None)
             new_state.append(layer_state)
-        logits = self.lm_head(body.norm(x))
-        loss = lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, state=new_state)
+        if self.lm_head.impl != "fused":
+            logits = self.lm_head(body.norm(x))
+            loss = lm_loss(logits, labels) if labels is not None else None
+            return ModelOutput(logits=logits, loss=loss, state=new_state)
+        head = self.lm_head
+        if labels is None:
+            (logits,), _ = bitlinear_prologue(
+                "norm", x, [head.norm.weight], [head.weight], pre_weight=body.norm.weight, pre_eps=body.norm.eps,
+                eps=head.eps,
+            )  # fmt: skip
+            return ModelOutput(logits=logits, state=new_state)
+        mm = matmul_dtype(x, head.weight)
+        xq = quantized_input(
+            "norm", x, head.norm.weight, mm, pre_weight=body.norm.weight, pre_eps=body.norm.eps, eps=head.eps
+        )
+        targets = next_token_targets(labels)
+        loss = linear_cross_entropy(xq, ternary_weight(head.weight, mm), targets, ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=None, loss=loss, state=new_state)
 
     def init_state(self, batch: int, max_len: int | None = None, device=None) -> list[Tensor]:
         """Zero recurrent states (fp32); max_len is not needed, the state has a fixed size."""
@@ -121,6 +180,7 @@ class MMFreeLM(nn.Module):
         return [torch.zeros(batch, self.config.hidden_size, device=device) for _ in self.model.layers]
 
     def set_bitlinear(self, impl: str) -> None:
+        """Switch every BitLinear, and with them the model's path, to `impl` (vanilla | fused)."""
         if impl not in IMPLS:
             raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
         for module in self.modules():

@@ -6,7 +6,7 @@
 
 Autocast does not exist for the meta device, so on meta the forward runs under `MetaAutocast`, a
 torch-function mode that gives the matmul-like ops the same bf16 inputs autocast would (linear,
-matmul, SDPA, and the fused BitLinear op's matmul dtype). Memory estimated on meta tensors then sees
+matmul, SDPA, and the fused BitLinear ops' matmul dtype). Memory estimated on meta tensors then sees
 the same activation dtypes as a real bf16-autocast run.
 """
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import mmprof.kernels.bitlinear  # noqa: F401  (registers torch.ops.mmprof.bitlinear_fused)
+import mmprof.kernels.bitlinear_prologue  # noqa: F401  (registers the fused model's BitLinear ops)
 from mmprof.errors import UserError
 
 PRECISIONS = ("bf16-autocast", "bf16", "fp32")
@@ -43,7 +44,16 @@ class MetaAutocast(TorchFunctionMode):
         torch.ops.aten._scaled_dot_product_flash_attention,
         torch.ops.aten._scaled_dot_product_flash_attention.default,
     }  # fmt: skip
-    _BITLINEAR = {torch.ops.mmprof.bitlinear_fused, torch.ops.mmprof.bitlinear_fused.default}
+    # the BitLinear ops take their matmul dtype as an argument: its position in each
+    _MM_DTYPE_ARG = {
+        op: index
+        for packet, index in (
+            (torch.ops.mmprof.bitlinear_fused, 4),
+            (torch.ops.mmprof.bitlinear_prologue_fwd, 5),
+            (torch.ops.mmprof.ternary_weight, 1),
+        )
+        for op in (packet, packet.default)
+    }
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -59,8 +69,9 @@ class MetaAutocast(TorchFunctionMode):
         if func in self._CAST_ALL:
             args = tuple(self._cast(a) for a in args)
             kwargs = {k: self._cast(v) for k, v in kwargs.items()}
-        elif func in self._BITLINEAR:  # (x, norm_weight, weight, eps, mm_dtype)
-            args = (*args[:4], self.dtype)
+        elif func in self._MM_DTYPE_ARG:
+            index = self._MM_DTYPE_ARG[func]
+            args = (*args[:index], self.dtype, *args[index + 1 :])
         return func(*args, **kwargs)
 
 

@@ -1,7 +1,9 @@
+import statistics
+
 import pytest
 import torch
 
-from mmprof.workloads import ARCHS, build_model, forward_context
+from mmprof.workloads import ARCHS, build_model, forward_context, get_config
 from tests.workloads import reference_models
 from tests.workloads.helpers import rel_rms, saved_activation_bytes
 
@@ -53,24 +55,51 @@ def test_transformer_parameter_names_are_hugging_face_llamas():
     assert set(dict(model.named_parameters())) == expected
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
-def test_fused_and_vanilla_models_agree(precision, seed):
-    models = {impl: randomized(build_model("mmfree", "tiny", bitlinear=impl, seed=7)) for impl in ("vanilla", "fused")}
-    models["fused"].load_state_dict(models["vanilla"].state_dict())
+def run_model(impl, state_dict, precision, ids, config="tiny", dtype=torch.float32):
+    """(logits without labels, loss with labels, every parameter's gradient) of the model."""
+    model = build_model("mmfree", config, bitlinear=impl, device=ids.device, dtype=dtype)
+    model.load_state_dict(state_dict)
+    with forward_context(precision, ids.device):
+        out = model(ids, labels=ids)
+        with torch.no_grad():
+            logits = model(ids).logits
+    out.loss.backward()
+    return {"logits": logits, "loss": out.loss, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+def test_fused_and_vanilla_models_agree_in_fp32(seed):
+    state = randomized(build_model("mmfree", "tiny", seed=seed % 1000)).state_dict()
     ids = torch.randint(0, 256, (2, 32))
-    results = {}
-    for impl, model in models.items():
-        with forward_context(precision, "cpu"):
-            out = model(ids, labels=ids)
-        out.loss.backward()
-        results[impl] = (out.logits, {n: p.grad for n, p in model.named_parameters()})
-    # Vanilla's straight-through form xn + (q - xn).detach() is q only to within an ulp, which can push
-    # a later activation across an int8 rounding edge (seen: ~2e-3 at most); the single-layer kernel
-    # tests hold the tight bound. A real mismatch in the op is off by far more.
-    tol = 2e-2
-    assert rel_rms(results["fused"][0], results["vanilla"][0]) < tol, f"seed={seed}"
-    for name, grad in results["vanilla"][1].items():
-        assert rel_rms(results["fused"][1][name], grad) < tol, f"{name} seed={seed}"
+    fused, vanilla = (run_model(impl, state, "fp32", ids) for impl in ("fused", "vanilla"))
+    # The same function: equal to fp32 rounding, except where a rounding difference pushes an
+    # activation across an int8 level (seen: ~2e-3 at most); a real mismatch is off by far more.
+    for name, expected in vanilla.items():
+        assert rel_rms(fused[name], expected) < 2e-2, f"{name} seed={seed}"
+
+
+def test_fused_model_under_bf16_autocast_is_as_close_to_fp32_as_vanilla(seed):
+    """Under bf16 the two paths round at different points (the fused one keeps gates and statistics
+    in fp32), and quantization amplifies bf16 rounding to a few % on logits and gradients; so each is
+    measured against the fp32 model, and fused must be no further from it than vanilla."""
+    state = randomized(build_model("mmfree", "tiny", seed=seed % 1000)).state_dict()
+    ids = torch.randint(0, 256, (2, 32))
+    exact = run_model("vanilla", state, "fp32", ids)
+    fused, vanilla = (run_model(impl, state, "bf16-autocast", ids) for impl in ("fused", "vanilla"))
+    assert fused["logits"].dtype == vanilla["logits"].dtype == torch.bfloat16
+    check_as_close_as_vanilla(fused, vanilla, exact, f"seed={seed}")
+
+
+def check_as_close_as_vanilla(fused, vanilla, exact, context):
+    """Logits and loss: fused's error against `exact` at most 1.5x vanilla's (or 2e-2). Gradients,
+    whose errors scatter a lot from tensor to tensor: the median and the worst at most 1.3x and
+    1.5x vanilla's (seen up to 1.15x and 1.24x over 60 random models)."""
+    errors = {name: (rel_rms(fused[name], e), rel_rms(vanilla[name], e)) for name, e in exact.items()}
+    for name in ("logits", "loss"):
+        got, baseline = errors.pop(name)
+        assert got < max(1.5 * baseline, 2e-2), f"{name}: {got:.3g} vs vanilla {baseline:.3g}, {context}"
+    fused_errors, vanilla_errors = zip(*errors.values())
+    assert statistics.median(fused_errors) < 1.3 * statistics.median(vanilla_errors), context
+    assert max(fused_errors) < 1.5 * max(vanilla_errors), context
 
 
 def test_fused_model_saves_fewer_activation_bytes(seed):
@@ -80,6 +109,42 @@ def test_fused_model_saves_fewer_activation_bytes(seed):
         model = build_model("mmfree", "tiny", bitlinear=impl)
         _, saved[impl] = saved_activation_bytes(lambda: model(ids, labels=ids).loss, model.parameters())
     assert saved["fused"] < 0.6 * saved["vanilla"], saved
+
+
+def test_fused_model_keeps_only_the_lean_set_per_layer():
+    """Per token and layer under bf16 autocast: the fp32 residual (4d bytes), the i/f/g
+    pre-activations, the MLGRU output and the o_proj output in bf16 (5 x 2d), gate_proj's output
+    in bf16 (2 x 2I), 13 fp32 statistics per row, and per layer (not per token) a few [d] rows
+    for the lower bound; nothing else."""
+    tokens = 4 * 64
+    ids = torch.randint(0, 256, (4, 64))
+    saved = {}
+    for layers in (1, 2):
+        config = get_config("tiny").replace(num_layers=layers)
+        model = build_model("mmfree", config, bitlinear="fused")
+        with forward_context("bf16-autocast", "cpu"):
+            _, saved[layers] = saved_activation_bytes(lambda: model(ids, labels=ids).loss, model.parameters())
+    d, inter = config.hidden_size, config.intermediate_size
+    per_token_layer = (saved[2] - saved[1]) / tokens
+    lean = 4 * d + 5 * 2 * d + 2 * 2 * inter
+    statistics = 4 * (3 + 4 + 6)  # 3 prologue rstd, 4 BitLinear-input rstd (i/f/g share one), 6 scales
+    assert lean + statistics <= per_token_layer <= lean + statistics + 3 * 4 * d / tokens, per_token_layer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_fused_model_on_gpu_is_as_close_to_fp64_as_vanilla_at_1_3b_width(precision):
+    """Two 1.3B-shaped layers on the GPU (Triton kernels). At this width quantization amplifies even
+    fp32 rounding (vanilla fp32 against vanilla with fp64 weights and activations: ~3e-2 on the
+    logits, seen on CPU), so both paths are measured against the fp64 vanilla model."""
+    torch.manual_seed(0)
+    config = get_config("1.3b").replace(num_layers=2)
+    state = {k: v.cuda() for k, v in randomized(build_model("mmfree", config, seed=1)).state_dict().items()}
+    ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
+    exact = run_model("vanilla", state, "fp32", ids, config, dtype=torch.float64)
+    fused = run_model("fused", state, precision, ids, config)
+    vanilla = run_model("vanilla", state, precision, ids, config)
+    check_as_close_as_vanilla(fused, vanilla, exact, precision)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -110,7 +175,9 @@ def test_meta_forward_under_bf16_autocast_emulation_saves_what_cpu_autocast_save
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with forward_context("bf16-autocast", device):
-                logits = model(ids, labels=ids).logits
+                model(ids, labels=ids).loss.backward()
+        with torch.no_grad(), forward_context("bf16-autocast", device):
+            logits = model(ids).logits
         return saved, logits.dtype
 
     cpu, meta = signature("cpu"), signature("meta")
@@ -124,3 +191,15 @@ def test_lower_bounds_start_at_zero_and_rise_with_depth():
     bounds = layer_lower_bounds(torch.randn(6, 10))
     assert torch.equal(bounds[0], torch.zeros(10))
     assert (bounds[1:] >= bounds[:-1]).all() and (bounds < 1).all()
+
+
+def test_fused_model_compiles_in_one_graph():
+    model = build_model("mmfree", "tiny", bitlinear="fused")
+    eager = build_model("mmfree", "tiny", bitlinear="fused")
+    eager.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(lambda i: model(i, labels=i).loss, backend="aot_eager", fullgraph=True)
+    compiled(ids).backward()
+    eager(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert rel_rms(p.grad, q.grad) < 1e-6, name
