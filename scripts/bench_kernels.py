@@ -1,4 +1,4 @@
-"""Time the training kernels (MLGRU recurrence, norm-gate, chunked cross-entropy) on a GPU.
+"""Time the training kernels (MLGRU recurrence, norm-gate, chunked cross-entropy, BitLinear) on a GPU.
 
 Each kernel runs forward and forward+backward at the 1.3b training shapes (16 x 2048 tokens,
 hidden 2048, vocab 32000, bf16) beside its eager PyTorch equivalent, timed with
@@ -108,6 +108,31 @@ def cross_entropy_case(tokens, hidden, vocab, chunk_tokens, dtype, device="cuda"
     )
 
 
+def bitlinear_case(tokens, in_features, out_features, dtype, device="cuda"):
+    """The fused BitLinear op (RMSNorm + int8 activations + ternary weights + matmul) vs the vanilla one."""
+    from mmprof.kernels.bitlinear import bitlinear
+
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+    norm_w = torch.rand(in_features, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(out_features, in_features, device=device) / in_features**0.5).to(dtype).requires_grad_()
+    esize = _size(dtype)
+    x_bytes, w_bytes, y_bytes = tokens * in_features * esize, out_features * in_features * esize, \
+        tokens * out_features * esize
+    flops = 2 * tokens * in_features * out_features
+    return Case(
+        kernel="bitlinear",
+        shape=f"N{tokens} K{in_features} N_out{out_features}",
+        fast=lambda: bitlinear(x, norm_w, weight, "fused"),
+        eager=lambda: bitlinear(x, norm_w, weight, "vanilla"),
+        leaves=[x, norm_w, weight],
+        # forward reads x, w, writes y; backward reads x, w, dy, writes dx, dw (stats are negligible)
+        bytes_fwd=x_bytes + w_bytes + y_bytes,
+        bytes_bwd=2 * x_bytes + 2 * w_bytes + y_bytes,
+        flops_fwd=flops,
+        flops_bwd=2 * flops,
+    )
+
+
 def _outputs(result):
     return [result] if isinstance(result, torch.Tensor) else [t for t in result if t.requires_grad]
 
@@ -192,12 +217,17 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU, and torch sees none", file=sys.stderr)
         return 2
+    from mmprof.workloads import glu_intermediate_size
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokens = args.batch * args.seq
     builders = [
         lambda: mlgru_case(args.batch, args.seq, args.hidden, dtype),
         lambda: norm_gate_case(tokens, args.hidden, dtype),
         lambda: cross_entropy_case(tokens, args.hidden, args.vocab, args.chunk_tokens, dtype),
+        # the 1.3b GLU projections: gate_proj (d -> 2I) and down_proj (I -> d)
+        lambda: bitlinear_case(tokens, args.hidden, 2 * glu_intermediate_size(args.hidden), dtype),
+        lambda: bitlinear_case(tokens, glu_intermediate_size(args.hidden), args.hidden, dtype),
     ]
     rows = []
     for build in builders:

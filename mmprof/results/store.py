@@ -45,6 +45,9 @@ def default_run_dir(command: str, root: Path = DEFAULT_ROOT) -> Path:
 
 
 def git_commit() -> str | None:
+    """The checkout's HEAD; MMPROF_GIT_COMMIT names it where the copy has no .git (a remote GPU box)."""
+    if os.environ.get("MMPROF_GIT_COMMIT"):
+        return os.environ["MMPROF_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
