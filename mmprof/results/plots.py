@@ -48,7 +48,10 @@ def plot_train_memory(run: Run, out: Path) -> Path:
         ax.set_xticks(sorted(df["batch"].unique()))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured (estimate)", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, out)
 
 

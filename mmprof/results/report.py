@@ -96,7 +96,7 @@ def build_report(runs: list[Run], baseline: tuple[str, str] | None = None,
     base_rows = df[df[col] == val]
     if base_rows.empty:
         raise UserError(f"no rows with {col}={val} to use as baseline")
-    keys = [c for c in spec_like(list(df.columns)) if c != col]
+    keys = [c for c in spec_like(list(df.columns)) if c != col and not _follows(df, c, col)]
     metrics = [m for m in KEY_METRICS if m in df.columns and (df[m] != "").any()]
     for m in metrics:
         rel = []
@@ -107,6 +107,14 @@ def build_report(runs: list[Run], baseline: tuple[str, str] | None = None,
     if "note" in out.columns:
         out = out[[c for c in out.columns if c != "note"] + ["note"]]
     return out
+
+
+def _follows(df: pd.DataFrame, column: str, by: str) -> bool:
+    """True when `column` is fixed by `by` (one value per group, several overall), like a decode row's
+    weights by its arch: such a column cannot be held equal when comparing across `by`."""
+    if df[column].nunique() <= 1:
+        return False
+    return bool((df.groupby(by)[column].nunique() <= 1).all())
 
 
 def _find_baseline(row: pd.Series, base_rows: pd.DataFrame, keys: list[str]) -> pd.Series | None:

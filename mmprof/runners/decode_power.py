@@ -148,7 +148,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     tokens = steps * spec.batch
     wbytes = weight_bytes(model)
     row = {
-        "repeats": n, "prefill_s": statistics.median(prefills), "ttft_s": statistics.median(ttfts),
+        "prefill_s": statistics.median(prefills), "ttft_s": statistics.median(ttfts),
         "latency_p50_ms": _pct(lat, 50) * 1e3, "latency_p90_ms": _pct(lat, 90) * 1e3,
         "latency_p99_ms": _pct(lat, 99) * 1e3, "tokens_per_s": tokens / total["duration_s"],
         "n_tokens_measured": tokens, "weights_gib": wbytes / GIB,

@@ -105,7 +105,8 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
         if cuda:
             torch.cuda.synchronize(spec.device)
         warm_s.append(time.perf_counter() - t0)
-    steps = max(spec.steps, math.ceil(spec.min_window_s / min(warm_s))) if warm_s else spec.steps
+    # 20% headroom: warm-up steps can run slower than the steady state the window will see
+    steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / min(warm_s))) if warm_s else spec.steps
     if cuda:
         torch.cuda.synchronize(spec.device)
     before = torch.cuda.memory_allocated(spec.device) if cuda else None

@@ -90,3 +90,20 @@ def test_export_failure_leaves_no_partial_file(run_pair, tmp_path):
     with pytest.raises(UserError, match="cannot write"):
         export([read_run(run_dir, raw=True)], "csv", tmp_path / "missing-dir" / "out.csv")
     assert not (tmp_path / "missing-dir").exists()
+
+
+def test_baseline_ignores_columns_fixed_by_the_baseline_column(tmp_path):
+    """Decode rows: the transformer is always bf16, the MatMul-free model fake-quant; still comparable."""
+    w = RunWriter.create(tmp_path / "d", "decode-power")
+    rng = np.random.default_rng()
+    speeds = {}
+    for size in ("370m", "1.3b"):
+        for arch, weights in (("mmfree", "fake-quant"), ("transformer", "bf16")):
+            speeds[arch, size] = float(f"{rng.uniform(5, 90):.6g}")
+            w.append(dict(status="ok", arch=arch, size=size, weights=weights, batch=1,
+                          tokens_per_s=speeds[arch, size]))
+    frame = build_report([read_run(tmp_path / "d", raw=True)], ("arch", "transformer"))
+    for i, size in enumerate(("370m", "370m", "1.3b", "1.3b")):
+        arch = frame.loc[i, "arch"]
+        want = speeds[arch, size] / speeds["transformer", size]
+        assert frame.loc[i, "tokens_per_s vs transformer"] == f"{want:.2f}x"
