@@ -25,6 +25,7 @@ import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, interpreting, persistent_programs
 from mmprof.kernels.bitlinear import ACT_LEVELS, SCALE_FLOOR
+from mmprof.kernels.norm_gate import norm_silu_gate_grads
 
 PROLOGUES = ("none", "norm", "add_norm", "glu", "norm_gate")
 _MODE = {name: n for n, name in enumerate(PROLOGUES)}
@@ -169,13 +170,8 @@ def _quantize_rows_bwd_kernel(
             r0 = tl.load(r0_ptr + srow)
             g = tl.load(x_row + cols, mask=rok, other=0.0).to(tl.float32)
             c = tl.load(aux_ptr + srow * K + cols, mask=rok, other=0.0).to(tl.float32)
-            normed = g * r0
-            sc = tl.sigmoid(c)
-            gate = c * sc
-            acc_pw += du * normed * gate
-            dn = du * pw * gate
-            dg = r0 * (dn - normed * (tl.sum(dn * normed, axis=0) / K))
-            dc = du * normed * pw * sc * (1 + c * (1 - sc))
+            dg, dc, dpw = norm_silu_gate_grads(g, c, r0, pw, du, K)
+            acc_pw += dpw
             tl.store(dx_row + cols, dg.to(dx_ptr.dtype.element_ty), mask=rok)
             tl.store(daux_ptr + row * K + cols, dc.to(daux_ptr.dtype.element_ty), mask=rok)
         else:  # norm, add_norm

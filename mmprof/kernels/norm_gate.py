@@ -26,6 +26,18 @@ def rms_norm_silu_gate_ref(g, c, weight, eps=1e-6):
 
 
 @triton.jit
+def norm_silu_gate_grads(g, c, rstd, w, do, D):
+    """Gradients of out = g * rstd * w * silu(c) for one row (fp32 blocks): d g, d c, and the row's d w."""
+    normed = g * rstd
+    sc = tl.sigmoid(c)
+    gate = c * sc
+    dnormed = do * w * gate
+    dg = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / D))
+    dc = do * normed * w * sc * (1 + c * (1 - sc))
+    return dg, dc, do * normed * gate
+
+
+@triton.jit
 def _norm_gate_fwd_kernel(g_ptr, c_ptr, w_ptr, o_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -58,13 +70,8 @@ def _norm_gate_bwd_kernel(
         c = tl.load(c_ptr + offs, mask=ok_row, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + offs, mask=ok_row, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + tl.minimum(r, N - 1))  # past the end: any row, all stores masked
-        normed = g * rstd
-        sc = tl.sigmoid(c)
-        gate = c * sc
-        dw += do * normed * gate
-        dnormed = do * w * gate
-        dg = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / D))
-        dc = do * normed * w * sc * (1 + c * (1 - sc))
+        dg, dc, dw_row = norm_silu_gate_grads(g, c, rstd, w, do, D)
+        dw += dw_row
         tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=ok_row)
         tl.store(dc_ptr + offs, dc.to(dc_ptr.dtype.element_ty), mask=ok_row)
     tl.store(dw_ptr + pid * D + cols, dw, mask=ok)

@@ -3,15 +3,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mmprof.cli import main
+from tests.cli.helpers import assert_one_line_exit_2, invoke
 from mmprof.results import RunWriter
 
 
-def invoke(*args):
-    runner = CliRunner()
-    return runner.invoke(main, list(args), catch_exceptions=False)
 
 
 @pytest.fixture
@@ -25,12 +21,6 @@ def run_dir(tmp_path):
     return tmp_path / "run"
 
 
-def _one_line_exit_2(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert needle in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_report_formats(run_dir):
@@ -45,14 +35,14 @@ def test_report_formats(run_dir):
 
 
 def test_report_errors(run_dir, tmp_path):
-    _one_line_exit_2(invoke("report", str(tmp_path / "missing")), "no such run")
-    _one_line_exit_2(invoke("report", str(run_dir), "--format", "yaml"), "unknown format")
+    assert_one_line_exit_2(invoke("report", str(tmp_path / "missing")), "no such run")
+    assert_one_line_exit_2(invoke("report", str(run_dir), "--format", "yaml"), "unknown format")
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1,2\n")
-    _one_line_exit_2(invoke("report", str(bad)), "malformed CSV")
-    _one_line_exit_2(invoke("report", str(run_dir), "--baseline", "oops"), "COLUMN=VALUE")
-    _one_line_exit_2(invoke("report"), "Missing argument")
-    _one_line_exit_2(invoke("report", str(run_dir), "--bogus"), "No such option")
+    assert_one_line_exit_2(invoke("report", str(bad)), "malformed CSV")
+    assert_one_line_exit_2(invoke("report", str(run_dir), "--baseline", "oops"), "COLUMN=VALUE")
+    assert_one_line_exit_2(invoke("report"), "Missing argument")
+    assert_one_line_exit_2(invoke("report", str(run_dir), "--bogus"), "No such option")
 
 
 def test_export_writes_one_tidy_file(run_dir, tmp_path):
@@ -67,10 +57,10 @@ def test_export_writes_one_tidy_file(run_dir, tmp_path):
 def test_export_errors_keep_existing_file(run_dir, tmp_path):
     dest = tmp_path / "keep.csv"
     dest.write_text("precious\n")
-    _one_line_exit_2(invoke("export", str(tmp_path / "missing"), "--csv", str(dest)), "no such run")
+    assert_one_line_exit_2(invoke("export", str(tmp_path / "missing"), "--csv", str(dest)), "no such run")
     assert dest.read_text() == "precious\n"
-    _one_line_exit_2(invoke("export", str(run_dir)), "exactly one of")
-    _one_line_exit_2(invoke("export", str(run_dir), "--csv", str(tmp_path / "no" / "x.csv")), "cannot write")
+    assert_one_line_exit_2(invoke("export", str(run_dir)), "exactly one of")
+    assert_one_line_exit_2(invoke("export", str(run_dir), "--csv", str(tmp_path / "no" / "x.csv")), "cannot write")
 
 
 def test_env_runs_without_gpu():

@@ -1,15 +1,12 @@
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from mmprof.cli import main
+from tests.cli.helpers import assert_rejected_before_writing, invoke
 from mmprof.profiler import Profiler
 from mmprof.runners import decode_power as dp
 from tests.profiler.fakes import ScriptedGpu
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_decode_rows_and_trace_on_cpu(tmp_path):
@@ -61,12 +58,7 @@ def test_energy_per_token_from_scripted_power(tmp_path):
     (["--arch", "gpt"], "unknown value"),
 ])
 def test_decode_bad_input(tmp_path, args, needle):
-    out = tmp_path / "never"
-    r = invoke("decode-power", "--size", "tiny", "--device", "cpu", *args, "--out", str(out))
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.output
-    assert not out.exists()
+    assert_rejected_before_writing(tmp_path, ["decode-power", "--size", "tiny", "--device", "cpu", *args], needle)
 
 
 def test_plot_decode_power(tmp_path):

@@ -3,25 +3,18 @@ import csv
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mmprof.cli import main
+from tests.cli.helpers import assert_one_line_exit_2, assert_rejected_before_writing, invoke
 from mmprof.runners import train_memory as tm
 from mmprof.workloads import build_model, get_config
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def _rows(path):
     return pd.read_csv(path / "measurements.csv")
 
 
-def _one_line_exit_2(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
 
 
 def test_meta_estimate_sweep_at_tiny(tmp_path):
@@ -123,10 +116,7 @@ def test_resume_skips_finished_configurations(tmp_path):
     (["--format", "xml"], "unknown format"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
-    out = tmp_path / "never"
-    r = invoke("train-memory", "--device", "meta", "--size", "tiny", *args, "--out", str(out))
-    _one_line_exit_2(r, needle)
-    assert not out.exists()
+    assert_rejected_before_writing(tmp_path, ["train-memory", "--device", "meta", "--size", "tiny", *args], needle)
 
 
 def test_existing_run_folder_is_refused(tmp_path):
@@ -134,7 +124,7 @@ def test_existing_run_folder_is_refused(tmp_path):
     args = ["train-memory", "--size", "tiny", "--device", "meta", "--batch", "1", "--seq", "8", "--out", str(out)]
     assert invoke(*args).exit_code == 0
     before = (out / "measurements.csv").read_text()
-    _one_line_exit_2(invoke(*args), "already exists")
+    assert_one_line_exit_2(invoke(*args), "already exists")
     assert (out / "measurements.csv").read_text() == before
 
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from tests.workloads.helpers import saved_activation_bytes
 from mmprof.kernels.bitlinear import (
     BitLinear,
     _backward_reference,
@@ -40,24 +41,17 @@ def inputs(batch, steps, k, n, dtype=torch.float32):
 def run(impl, x, g, w, grad_y=None, autocast=None):
     """Output, grads of x, g, w and the bytes of non-parameter tensors saved for backward."""
     x, g, w = (t.detach().clone().requires_grad_() for t in (x, g, w))
-    params = {g.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
-    saved = {}
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
+    def forward():
+        if autocast is None:
+            return bitlinear(x, g, w, impl)
+        with torch.autocast("cpu", dtype=autocast):
+            return bitlinear(x, g, w, impl)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if autocast is not None:
-            with torch.autocast("cpu", dtype=autocast):
-                y = bitlinear(x, g, w, impl)
-        else:
-            y = bitlinear(x, g, w, impl)
+    y, saved_bytes = saved_activation_bytes(forward, params=(g, w))
     grad_y = torch.randn_like(y) if grad_y is None else grad_y
     y.backward(grad_y)
-    return y.detach(), x.grad, g.grad, w.grad, sum(saved.values()), grad_y
+    return y.detach(), x.grad, g.grad, w.grad, saved_bytes, grad_y
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
