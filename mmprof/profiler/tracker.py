@@ -45,11 +45,10 @@ def _tensors(obj):
             yield from _tensors(x)
 
 
-def _storage(t: torch.Tensor):
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, wrapper subclasses
-        return None
+def _has_plain_storage(t: torch.Tensor) -> bool:
+    """Strided tensors own one storage whose bytes the allocator holds; sparse and nested tensors
+    (several storages behind one tensor) do not, and are counted in `untracked_tensors` instead."""
+    return t.layout == torch.strided and not t.is_nested
 
 
 class _Spy(TorchDispatchMode):
@@ -94,6 +93,13 @@ class MemoryTracker:
         self._contexts: list = []
         self._depth = 0  # > 0 while this tracker is updating its books
         self._pending: list[tuple[int, _Storage]] = []  # deaths seen mid-update, applied after it
+        self.untracked_tensors = 0  # sparse or nested tensors seen, whose bytes are not counted
+
+    def _storage(self, t: torch.Tensor):
+        if _has_plain_storage(t):
+            return t.untyped_storage()
+        self.untracked_tensors += 1
+        return None
 
     # ----- results -----
     def current_bytes(self) -> int:
@@ -188,7 +194,7 @@ class MemoryTracker:
             self._label(p.grad, "grads")
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = _storage(t)
+        st = self._storage(t)
         if st is not None:
             with self._critical():
                 rec = self._live.get(st._cdata)
@@ -206,7 +212,7 @@ class MemoryTracker:
 
     # ----- bookkeeping -----
     def _label(self, t: torch.Tensor, category: str) -> None:
-        st = _storage(t)
+        st = self._storage(t)
         if st is None or not self._counts(t):
             return
         with self._critical():
@@ -230,7 +236,7 @@ class MemoryTracker:
     def _on_op(self, func, args, kwargs, out) -> None:
         inputs = None
         for t in _tensors(out):
-            st = _storage(t)
+            st = self._storage(t)
             if st is None or not self._counts(t):
                 continue
             with self._critical():
@@ -241,7 +247,7 @@ class MemoryTracker:
                     continue
             if func not in _FRESH_OPS:
                 if inputs is None:
-                    inputs = {s._cdata for s in map(_storage, _tensors((args, kwargs))) if s is not None}
+                    inputs = {s._cdata for s in map(self._storage, _tensors((args, kwargs))) if s is not None}
                 if st._cdata in inputs:
                     continue  # in place on a tensor that existed before tracking: not ours
             with self._critical():

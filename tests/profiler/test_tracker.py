@@ -160,3 +160,15 @@ def test_device_filter_ignores_other_devices():
         b = torch.empty(100)
         assert mt.current_bytes() == 400
         del a, b
+
+
+def test_sparse_tensors_are_counted_as_untracked_not_as_bytes():
+    from mmprof.profiler import MemoryTracker
+
+    dense = torch.randn(64, 64)
+    with MemoryTracker(granularity_bytes=1) as mt:
+        sp = dense.to_sparse()
+        kept = dense * 2
+    assert mt.untracked_tensors >= 1
+    assert mt.peak_bytes >= kept.numel() * 4
+    del sp
