@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str)
     return RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
 
 
-def _progress(total: int):
+def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -170,9 +171,9 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
     )
     skip = done_keys(read_run(resume), tm.KEY_COLUMNS) if resume else set()
     writer = _open_writer("train-memory", out, resume, spec.device)
-    spec = tm.with_gpu_name(spec, writer.meta.get("gpu"))
+    spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
     todo = tm.configs(spec)
-    with _progress(len(todo)) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"train-memory {size}", total=len(todo))
 
         def started(cfg):
@@ -255,7 +256,7 @@ def decode_power(size, arch, weights, batch, prompt_len, new_tokens, repeats, mi
     todo = dp.configs(spec)          # refuses unsupported weights before anything is written
     skip = done_keys(read_run(resume), dp.KEY_COLUMNS) if resume else set()
     writer = _open_writer("decode-power", out, resume, spec.device)
-    with _progress(len(todo)) as bar:
+    with _progress() as bar:
         task = bar.add_task("decode-power", total=len(todo))
 
         def emit(row):

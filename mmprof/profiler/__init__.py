@@ -4,6 +4,7 @@
 """
 
 from .bandwidth import copy_bandwidth_gbps
+from .device import synchronize
 from .fake import fake_tensor_mode
 from .gpu import GpuSource, NvmlUnavailable, Unavailable
 from .host import HostSource, RaplUnavailable
@@ -18,5 +19,5 @@ from .trace import Phase
 __all__ = [
     "CATEGORIES", "GpuSource", "HostSource", "Measurement", "MemoryTracker", "NvmlGpu", "NvmlUnavailable",
     "Phase", "Profiler", "RaplUnavailable", "TimingStats", "Unavailable", "WindowHandle", "copy_bandwidth_gbps",
-    "fake_tensor_mode", "open_gpus", "system_info", "time_fn",
+    "fake_tensor_mode", "open_gpus", "synchronize", "system_info", "time_fn",
 ]

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 
 from mmprof.errors import UserError
-from mmprof.profiler import Measurement, Profiler, copy_bandwidth_gbps
+from mmprof.profiler import Measurement, Profiler, copy_bandwidth_gbps, synchronize
 from mmprof.runners.sweep import GIB, guarded, pending
 from mmprof.workloads import Decoder, build_model, weight_bytes
 
@@ -69,11 +69,6 @@ def configs(spec: DecodeSpec) -> list[Config]:
     return [Config(a, s, weights_for(a, spec.weights)) for s in spec.sizes for a in spec.archs]
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 class _TokenClock:
     """Per-token latencies: CUDA events read once at the end on GPU, the host clock elsewhere."""
 
@@ -101,15 +96,15 @@ def _one_decode(model, prompt, spec: DecodeSpec, prof: Profiler | None, label: s
 
     The energy window covers the token-by-token steps only (the steady state), not the prefill."""
     dec = Decoder(model, batch=spec.batch, max_len=spec.prompt_len + spec.new_tokens, device=spec.device)
-    _sync(spec.device)
+    synchronize(spec.device)
     if prof is not None:
         prof.mark(f"prefill {label}")
     t0 = time.perf_counter()
     logits = dec.prefill(prompt)
-    _sync(spec.device)
+    synchronize(spec.device)
     prefill_s = time.perf_counter() - t0
     token = logits.argmax(-1)
-    _sync(spec.device)
+    synchronize(spec.device)
     ttft_s = time.perf_counter() - t0
     clock = _TokenClock(spec.device)
     if prof is not None:
@@ -147,10 +142,12 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     steps = n * (spec.new_tokens - 1)
     tokens = steps * spec.batch
     wbytes = weight_bytes(model)
+    # percentiles 1..99 of the per-token latencies, interpolated between the measured values
+    pct = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
     row = {
         "prefill_s": statistics.median(prefills), "ttft_s": statistics.median(ttfts),
-        "latency_p50_ms": _pct(lat, 50) * 1e3, "latency_p90_ms": _pct(lat, 90) * 1e3,
-        "latency_p99_ms": _pct(lat, 99) * 1e3, "tokens_per_s": tokens / total["duration_s"],
+        "latency_p50_ms": pct[49] * 1e3, "latency_p90_ms": pct[89] * 1e3,
+        "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": tokens / total["duration_s"],
         "n_tokens_measured": tokens, "weights_gib": wbytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
         "peak_reserved_gib": whole.measurement.peak_reserved_gib,
@@ -166,13 +163,6 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
             row["bandwidth_frac"] = row["bandwidth_gbps"] / copy_gbps
     del model
     return row
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def combine(ms: list[Measurement]) -> dict:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, time_fn
+from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, synchronize, time_fn
 from mmprof.runners.sweep import GIB, gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 
@@ -102,13 +102,11 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     for _ in range(spec.warmup):
         t0 = time.perf_counter()
         trainer.step()
-        if cuda:
-            torch.cuda.synchronize(spec.device)
+        synchronize(spec.device)
         warm_s.append(time.perf_counter() - t0)
     # 20% headroom: warm-up steps can run slower than the steady state the window will see
     steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / min(warm_s))) if warm_s else spec.steps
-    if cuda:
-        torch.cuda.synchronize(spec.device)
+    synchronize(spec.device)
     before = torch.cuda.memory_allocated(spec.device) if cuda else None
     with prof.window(cfg.label) as win:
         timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)
@@ -184,7 +182,3 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
 
 def _join(*parts: str | None) -> str:
     return "; ".join(p for p in parts if p)
-
-
-def with_gpu_name(spec: TrainMemorySpec, name: str | None) -> TrainMemorySpec:
-    return replace(spec, gpu_name=name)
