@@ -67,3 +67,9 @@ def device_guard(tensor: torch.Tensor):
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def row_block(features: int) -> tuple[int, int]:
+    """Block width (the whole row, a power of two) and warps for a one-row-per-program kernel."""
+    block = triton.next_power_of_2(features)
+    return block, 1 if interpreting() else min(16, max(1, block // 256))

@@ -47,6 +47,12 @@ def rms_inv(xf: Tensor, eps: float = NORM_EPS) -> Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim computed in fp32; result in x's dtype."""
+    xf = x.float()
+    return (xf * rms_inv(xf, eps) * weight.float()).to(x.dtype)
+
+
 def act_scale(xn: Tensor) -> Tensor:
     """Per-row 8-bit scale 127 / max|xn|, keepdim."""
     return ACT_LEVELS / xn.abs().amax(-1, keepdim=True).clamp(min=SCALE_FLOOR)
@@ -68,7 +74,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-    except (RuntimeError, TypeError, AttributeError):
+    except RuntimeError:  # a device type autocast does not know (meta)
         return None
     return None
 

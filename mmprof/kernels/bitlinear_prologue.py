@@ -40,7 +40,7 @@ from mmprof.kernels.bitlinear import (
     _autocast_off,
     bitlinear_vanilla,
     register_bodies,
-    rms_inv,
+    rms_norm,
 )
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 
@@ -52,20 +52,15 @@ _PRE_NORMED = ("norm", "add_norm", "norm_gate")
 # ---------------------------------------------------------------------------------------------
 
 
-def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    return (xf * rms_inv(xf, eps) * weight.float()).to(x.dtype)
-
-
 def prologue_ref(prologue, x, aux=None, pre_weight=None, pre_eps=1e-6):
     """The prologue as the unfused model computes it -> (u, x2 or None)."""
     if prologue == "none":
         return x, None
     if prologue == "norm":
-        return rms_norm_ref(x, pre_weight, pre_eps), None
+        return rms_norm(x, pre_weight, pre_eps), None
     if prologue == "add_norm":
         x2 = x + aux
-        return rms_norm_ref(x2, pre_weight, pre_eps), x2
+        return rms_norm(x2, pre_weight, pre_eps), x2
     if prologue == "glu":
         a, b = x.chunk(2, dim=-1)
         return F.silu(a) * b, None

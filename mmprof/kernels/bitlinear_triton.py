@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmprof.kernels._triton_util import device_guard, interpreting, persistent_programs
+from mmprof.kernels._triton_util import device_guard, persistent_programs, row_block
 from mmprof.kernels.bitlinear import ACT_LEVELS, SCALE_FLOOR
 from mmprof.kernels.norm_gate import norm_silu_gate_grads
 
@@ -225,11 +225,6 @@ def _ternary_kernel(w_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_block(features: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(features)
-    return block, 1 if interpreting() else min(16, max(1, block // 256))
-
-
 def in_features(prologue: str, x: torch.Tensor) -> int:
     """Width K of BitLinear's input: half the row for the GLU prologue, the row otherwise."""
     return x.shape[-1] // 2 if prologue == "glu" else x.shape[-1]
@@ -257,7 +252,7 @@ def quantize_rows(prologue, x, aux, pre_weight, norm_weights, pre_eps, eps, out_
         r0, r, s = stats
     if rows == 0:
         return xq, x2, r0, r, s
-    block, warps = _row_block(k)
+    block, warps = row_block(k)
     any_ = r  # stands in for pointers a prologue does not use (never read or written)
     if mode == _ADD_NORM and x2 is None:  # recomputing: only x2's dtype is read
         x2_arg = torch.empty(1, device=x.device, dtype=torch.promote_types(x.dtype, aux.dtype))
@@ -286,7 +281,7 @@ def quantize_rows_backward(prologue, x, aux, pre_weight, norm_weights, r0, r, d_
     dnw = torch.zeros(programs, p, k, device=x.device, dtype=torch.float32)
     dpw = torch.zeros(programs, k, device=x.device, dtype=torch.float32) if has_pre else None
     if rows > 0:
-        block, warps = _row_block(k)
+        block, warps = row_block(k)
         any_ = r
         with device_guard(x):
             _quantize_rows_bwd_kernel[(programs,)](

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, interpreting, select_backend
+from mmprof.kernels.bitlinear import matmul_dtype
 
 
 def linear_cross_entropy_ref(x, weight, labels, *, ignore_index=-100):
@@ -191,12 +192,6 @@ def _backward(ctx, grad_loss, _grad_lse):
 _linear_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _matmul_dtype(x, weight):
-    """The dtype F.linear would compute in: autocast's if it is on for this device, else the common one."""
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(x.dtype, weight.dtype)
 
 
 def linear_cross_entropy(x, weight, labels, *, chunk_tokens=4096, ignore_index=-100, backend="auto"):
@@ -215,7 +210,7 @@ def linear_cross_entropy(x, weight, labels, *, chunk_tokens=4096, ignore_index=-
     labels = labels.reshape(-1)
     if labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels give {labels.shape[0]} tokens, x gives {x.shape[0]}")
-    dtype = _matmul_dtype(x, weight)
+    dtype = matmul_dtype(x, weight)
     x, weight = x.to(dtype).contiguous(), weight.to(dtype).contiguous()
     loss, _ = _linear_ce_fwd(x, weight, labels.contiguous(), int(chunk_tokens), int(ignore_index), backend)
     return loss

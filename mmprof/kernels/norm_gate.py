@@ -10,13 +10,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mmprof.kernels._triton_util import device_guard, interpreting, persistent_programs, select_backend
+from mmprof.kernels._triton_util import device_guard, persistent_programs, row_block, select_backend
+from mmprof.kernels.bitlinear import rms_inv
 
 
 def rms_norm_silu_gate_ref(g, c, weight, eps=1e-6):
     """The twin, in fp32, result in g's dtype."""
     g32 = g.float()
-    normed = g32 * torch.rsqrt(g32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = g32 * rms_inv(g32, eps)
     return (normed * weight.float() * F.silu(c.float())).to(g.dtype)
 
 
@@ -77,19 +78,12 @@ def _norm_gate_bwd_kernel(
     tl.store(dw_ptr + pid * D + cols, dw, mask=ok)
 
 
-def _block_and_warps(dim):
-    block = triton.next_power_of_2(dim)
-    if interpreting():
-        return block, 1
-    return block, min(16, max(1, block // 256))
-
-
 def _fwd_triton(g, c, weight, eps):
     dim = g.shape[-1]
     rows = g.numel() // dim
     out = torch.empty_like(g)
     rstd = torch.empty(g.shape[:-1], device=g.device, dtype=torch.float32)
-    block, warps = _block_and_warps(dim)
+    block, warps = row_block(dim)
     with device_guard(g):
         _norm_gate_fwd_kernel[(rows,)](g, c, weight, out, rstd, dim, eps, BLOCK_D=block, num_warps=warps)
     return out, rstd
@@ -103,7 +97,7 @@ def _bwd_triton(g, c, weight, rstd, grad_out):
     dg = torch.empty_like(g)
     dc = torch.empty_like(c)
     dw_rows = torch.empty(programs, dim, device=g.device, dtype=torch.float32)
-    block, warps = _block_and_warps(dim)
+    block, warps = row_block(dim)
     with device_guard(g):
         _norm_gate_bwd_kernel[(programs,)](
             g, c, weight, rstd, grad_out, dg, dc, dw_rows, rows, dim, rows_per_program,

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from mmprof.errors import UserError
 from mmprof.kernels.bitlinear import IMPLS, BitLinear
-from mmprof.workloads.layers import RMSNorm
 from mmprof.workloads.mmfree import MMFreeLM
 from mmprof.workloads.presets import ModelConfig, check_arch, get_config
 from mmprof.workloads.transformer import TransformerLM
@@ -89,10 +88,8 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
             if name.rsplit(".", 1)[-1] in _RESIDUAL_OUTPUTS:
                 std /= math.sqrt(2 * layers)
             module.weight.normal_(0.0, std, generator=generator)
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):  # BitLinear norms and g_norm
+        if name.endswith("norm.weight"):  # every RMSNorm: BitLinear norms, g_norm, *_layernorm, model.norm
             param.fill_(1.0)
         elif name.endswith("lower_bounds"):
             param.zero_()

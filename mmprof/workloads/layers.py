@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmprof.kernels.bitlinear import rms_norm
+
 IGNORE_INDEX = -100
 
 
@@ -19,19 +21,6 @@ class ModelOutput:
     logits: Tensor | None  # None when the loss was computed without them (the fused MatMul-free LM)
     loss: Tensor | None = None
     state: Any = None  # per-layer MLGRU states (MatMul-free) or the KV cache (Transformer++)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim computed in fp32; result in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-
-
-def rms_norm_swish_gate(x: Tensor, weight: Tensor, gate: Tensor, eps: float) -> Tensor:
-    """RMSNorm(x) * weight * silu(gate), in fp32; result in x's dtype (the MLGRU output gate)."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (normed * F.silu(gate.float())).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

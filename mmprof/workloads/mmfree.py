@@ -23,11 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import IMPLS, BitLinear, matmul_dtype
+from mmprof.kernels.bitlinear import BitLinear, matmul_dtype
 from mmprof.kernels.bitlinear_prologue import bitlinear_prologue, quantized_input, ternary_weight
 from mmprof.kernels.cross_entropy import linear_cross_entropy
 from mmprof.kernels.mlgru import mlgru
-from mmprof.workloads.layers import IGNORE_INDEX, ModelOutput, RMSNorm, lm_loss, next_token_targets, rms_norm_swish_gate
+from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
+from mmprof.workloads.layers import IGNORE_INDEX, ModelOutput, RMSNorm, lm_loss, next_token_targets
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.presets import ModelConfig
 
@@ -63,7 +64,7 @@ class MLGRU(nn.Module):
         lb = lower_bound if self.layer_idx > 0 else None
         f, i = mlgru_gates(self.f_proj(h), self.i_proj(h), lb)
         c, final_state = mlgru_scan(f, i, state)
-        o = rms_norm_swish_gate(self.g_proj(h), self.g_norm.weight, c, self.g_norm.eps)
+        o = rms_norm_silu_gate_ref(self.g_proj(h), c, self.g_norm.weight, self.g_norm.eps)
         return self.o_proj(o), final_state
 
     def forward_fused(
@@ -178,14 +179,6 @@ class MMFreeLM(nn.Module):
         """Zero recurrent states (fp32); max_len is not needed, the state has a fixed size."""
         device = device if device is not None else self.lm_head.weight.device
         return [torch.zeros(batch, self.config.hidden_size, device=device) for _ in self.model.layers]
-
-    def set_bitlinear(self, impl: str) -> None:
-        """Switch every BitLinear, and with them the model's path, to `impl` (vanilla | fused)."""
-        if impl not in IMPLS:
-            raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
-        for module in self.modules():
-            if isinstance(module, BitLinear):
-                module.impl = impl
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

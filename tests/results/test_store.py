@@ -6,7 +6,6 @@ import sys
 import textwrap
 import time
 
-import pandas as pd
 import pytest
 
 from mmprof.errors import UserError
