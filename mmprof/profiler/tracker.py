@@ -93,12 +93,14 @@ class MemoryTracker:
         self._contexts: list = []
         self._depth = 0  # > 0 while this tracker is updating its books
         self._pending: list[tuple[int, _Storage]] = []  # deaths seen mid-update, applied after it
-        self.untracked_tensors = 0  # sparse or nested tensors seen, whose bytes are not counted
+        self.untracked_tensors = 0  # sparse or nested tensors made while tracking, whose bytes are not counted
 
-    def _storage(self, t: torch.Tensor):
+    def _storage(self, t: torch.Tensor, *, new: bool = False):
+        """The storage to count t by; None for sparse or nested t (counted once, where it appears)."""
         if _has_plain_storage(t):
             return t.untyped_storage()
-        self.untracked_tensors += 1
+        if new:
+            self.untracked_tensors += 1
         return None
 
     # ----- results -----
@@ -236,7 +238,7 @@ class MemoryTracker:
     def _on_op(self, func, args, kwargs, out) -> None:
         inputs = None
         for t in _tensors(out):
-            st = self._storage(t)
+            st = self._storage(t, new=True)
             if st is None or not self._counts(t):
                 continue
             with self._critical():

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, synchronize, time_fn
+from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, time_fn
 from mmprof.runners.sweep import GIB, gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 
@@ -77,7 +76,14 @@ def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
         with MemoryTracker(trainer.model, trainer.optimizer) as tracker:
             before = tracker.current_bytes()
             trainer.step()
-    return _tracker_row(tracker, before)
+    row = _tracker_row(tracker, before)
+    row["note"] = tracker_note(tracker)
+    return row
+
+
+def tracker_note(tracker: MemoryTracker) -> str:
+    n = tracker.untracked_tensors
+    return f"{n} sparse or nested tensor(s) not counted by the tracker" if n else ""
 
 
 def _tracker_row(tracker: MemoryTracker, before: int) -> dict:
@@ -98,15 +104,9 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     """Warm up, then time and meter a window of steps; then one step under the live-tensor tracker."""
     trainer = make_trainer(_train_spec(cfg, spec), spec.device)
     cuda = spec.device.startswith("cuda")
-    warm_s = []
-    for _ in range(spec.warmup):
-        t0 = time.perf_counter()
-        trainer.step()
-        synchronize(spec.device)
-        warm_s.append(time.perf_counter() - t0)
+    warm_s = time_fn(trainer.step, warmup=0, repeats=spec.warmup, device=spec.device).samples_s
     # 20% headroom: warm-up steps can run slower than the steady state the window will see
     steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / min(warm_s))) if warm_s else spec.steps
-    synchronize(spec.device)
     before = torch.cuda.memory_allocated(spec.device) if cuda else None
     with prof.window(cfg.label) as win:
         timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)
@@ -116,7 +116,8 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
         trainer.step()
     tokens = cfg.batch * spec.seq
     row = _tracker_row(tracker, tracker_before)
-    row.update({k: v for k, v in m.row().items() if k in _MEASURED_KEYS})
+    # the window's columns, except where it has none and the tracker's figure stands (no CUDA allocator)
+    row.update({k: v for k, v in m.row().items() if v is not None or k not in row})
     if cuda:
         row["act_mem_gib"] = m.peak_alloc_gib - before / GIB
     row.update({
@@ -133,19 +134,14 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
         if m.energy_above_idle_j is not None:
             row["energy_above_idle_per_step_j"] = m.energy_above_idle_j / timing.n
             row["j_per_token_above_idle"] = m.energy_above_idle_j / (timing.n * tokens)
-    notes = [f"{k}: {v}" for k, v in (m.unavailable or {}).items()]
     if not cuda:
-        notes.append("no CUDA allocator: memory columns are the live-tensor tracker's")
-    row["note"] = "; ".join(notes)
+        m.unavailable.pop("peak_alloc_gib", None)   # the tracker's peak fills it
+    notes = [m.note(), tracker_note(tracker)]
+    if not cuda:
+        notes.append("no CUDA allocator: peak_alloc_gib and act_mem_gib are the live-tensor tracker's")
+    row["note"] = _join(*notes)
     del trainer
     return row
-
-
-_MEASURED_KEYS = {
-    "peak_alloc_gib", "peak_reserved_gib", "nvml_mem_used_gib", "power_avg_w", "power_peak_w", "idle_power_w",
-    "energy_window_s", "energy_integral_j", "n_power_samples", "low_confidence", "host_rss_peak_gib",
-    "cpu_util_pct", "cpu_energy_j",
-}
 
 
 def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),
