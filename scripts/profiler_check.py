@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_GIB = 2**30
 
 
 def _row(check, device, value, unit, reference, target, passed, note, status="ok"):
@@ -125,7 +124,7 @@ def tracker_vs_allocator(device: str, batch: int = 8, seq: int = 1024) -> dict:
     """(c) One training step (bf16 autocast, AdamW) of mmprof's own Transformer++ at 370m."""
     import torch
 
-    from mmprof.profiler import MemoryTracker
+    from mmprof.profiler import GIB, MemoryTracker
     from mmprof.workloads import TrainSpec, make_trainer
 
     trainer = make_trainer(TrainSpec(arch="transformer", size="370m", batch=batch, seq=seq), device)
@@ -140,12 +139,12 @@ def tracker_vs_allocator(device: str, batch: int = 8, seq: int = 1024) -> dict:
     peak = torch.cuda.max_memory_allocated(device)
     cats = mt.peak_bytes_by_category
     untracked = before - mt.start_bytes
-    above_t, above_a = (mt.peak_bytes - mt.start_bytes) / _GIB, (peak - before) / _GIB
+    above_t, above_a = (mt.peak_bytes - mt.start_bytes) / GIB, (peak - before) / GIB
     note = (f"Transformer++ 370m, {trainer.model.num_params() / 1e6:.0f}M params, batch {batch}, seq {seq}; "
-            f"at the peak: " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in cats.items()) + " GiB; "
+            f"at the peak: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in cats.items()) + " GiB; "
             f"allocated before the step but not a tensor the tracker sees: {untracked / 2**20:.1f} MiB; "
             f"peak above the start: tracker {above_t:.3f} GiB, allocator {above_a:.3f} GiB")
-    value, reference = mt.peak_bytes / _GIB, peak / _GIB
+    value, reference = mt.peak_bytes / GIB, peak / GIB
     diff = 100.0 * (value - reference) / reference
     return _row("tracker-vs-max-memory-allocated", device, value, "GiB", reference, "|diff| <= 5%",
                 abs(diff) <= 5.0, note)

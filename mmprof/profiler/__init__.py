@@ -8,16 +8,17 @@ from .device import synchronize
 from .fake import fake_tensor_mode
 from .gpu import GpuSource, NvmlUnavailable, Unavailable
 from .host import HostSource, RaplUnavailable
-from .measurement import Measurement
+from .measurement import GIB, Measurement
 from .nvml import NvmlGpu, open_gpus
 from .profiler import Profiler, WindowHandle
 from .sysinfo import system_info
+from .window import MIN_POWER_UPDATES, MIN_WINDOW_S
 from .timing import TimingStats, time_fn
 from .tracker import CATEGORIES, MemoryTracker
 from .trace import Phase
 
 __all__ = [
-    "CATEGORIES", "GpuSource", "HostSource", "Measurement", "MemoryTracker", "NvmlGpu", "NvmlUnavailable",
+    "GIB", "MIN_POWER_UPDATES", "MIN_WINDOW_S", "CATEGORIES", "GpuSource", "HostSource", "Measurement", "MemoryTracker", "NvmlGpu", "NvmlUnavailable",
     "Phase", "Profiler", "RaplUnavailable", "TimingStats", "Unavailable", "WindowHandle", "copy_bandwidth_gbps",
     "fake_tensor_mode", "open_gpus", "synchronize", "system_info", "time_fn",
 ]

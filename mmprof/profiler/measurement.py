@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GIB = 2**30  # bytes in a GiB: every *_gib figure is bytes / GIB
+
 
 @dataclass
 class Measurement:

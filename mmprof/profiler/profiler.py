@@ -21,13 +21,12 @@ import torch
 from .device import cuda_device, cuda_index, synchronize
 from .gpu import GpuSource, NvmlUnavailable
 from .host import HostSource
-from .measurement import Measurement
+from .measurement import GIB, Measurement
 from .nvml import open_gpus
 from .sampler import Sampler
 from .trace import Phase, write_phases, write_power_trace
 from .window import Edge, GpuContext, build, read_edge
 
-_GIB = 2**30
 
 
 @dataclass
@@ -178,8 +177,8 @@ class Profiler:
         self._wait_for_samples(end.t_s)
         m = build(name, state.start, end, self._ctx, self._t0)
         if self._cuda is not None:
-            m.peak_alloc_gib = state.peak_alloc_bytes / _GIB
-            m.peak_reserved_gib = state.peak_reserved_bytes / _GIB
+            m.peak_alloc_gib = state.peak_alloc_bytes / GIB
+            m.peak_reserved_gib = state.peak_reserved_bytes / GIB
         else:
             reason = f"no CUDA allocator on device {self.device}"
             m.unavailable.update(peak_alloc_gib=reason, peak_reserved_gib=reason)

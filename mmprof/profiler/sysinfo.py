@@ -14,8 +14,8 @@ from .gpu import GpuSource, Unavailable
 from .host import HostSource
 from .nvml import open_gpus
 from .sampler import probe_power
+from .measurement import GIB
 
-_GIB = 2**30
 
 
 def _safe(fn, default=None):
@@ -34,7 +34,7 @@ def gpu_info(gpu: GpuSource) -> dict:
         "name": _safe(gpu.name),
         "uuid": _safe(gpu.uuid),
         "driver": _safe(gpu.driver_version),
-        "total_mem_gib": None if total is None else round(total / _GIB, 3),
+        "total_mem_gib": None if total is None else round(total / GIB, 3),
         "power_limit_w": _safe(gpu.power_limit_w),
         "instant_power_field": power_source == "instant",
         "power_reading": power_source,
@@ -92,7 +92,7 @@ def system_info(gpu_sources: list[GpuSource] | None = None, host: HostSource | N
             "model": _cpu_model(),
             "cores_logical": os.cpu_count(),
             "cores_physical": psutil.cpu_count(logical=False),
-            "ram_gib": round(psutil.virtual_memory().total / _GIB, 2),
+            "ram_gib": round(psutil.virtual_memory().total / GIB, 2),
         },
         "rapl": {"readable": host.rapl_reason is None, "reason": host.rapl_reason, "zones": host.rapl_zones},
         "platform": platform.platform(),

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .sampler import GpuTrace
+from .measurement import GIB
 
 TRACE_COLUMNS = ("t_s", "gpu", "power_w", "mem_used_gib", "gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c")
 PHASE_COLUMNS = ("label", "t_start_s", "t_end_s")
-_GIB = 2**30
 
 
 @dataclass
@@ -31,7 +31,7 @@ def write_power_trace(path: Path, traces: list[GpuTrace], t0_s: float) -> None:
     for tr in traces:
         v = tr.values
         for k, t in enumerate(tr.t_s):
-            rows.append((t - t0_s, tr.gpu, v["power_w"][k], v["mem_used_bytes"][k] / _GIB,
+            rows.append((t - t0_s, tr.gpu, v["power_w"][k], v["mem_used_bytes"][k] / GIB,
                          v["gpu_util_pct"][k], v["mem_util_pct"][k], v["sm_clock_mhz"][k], v["temp_c"][k]))
     rows.sort(key=lambda r: (r[0], r[1]))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from .energy import count_updates, integrate_power_j, sum_by_index
 from .gpu import GpuSource, Unavailable
 from .host import HostSource
-from .measurement import Measurement
+from .measurement import GIB, Measurement
 from .sampler import Sampler
 
-_GIB = 2**30
 MIN_WINDOW_S = 1.0
 MIN_POWER_UPDATES = 10
 
@@ -102,7 +101,7 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         powers.append(v_in["power_w"])
         updates.append(count_updates(v_in["power_w"]))
     if mem_peaks:
-        m.nvml_mem_used_gib = max(mem_peaks) / _GIB
+        m.nvml_mem_used_gib = max(mem_peaks) / GIB
     else:
         m.unavailable["nvml_mem_used_gib"] = ctx.sampler.traces[0].reasons.get(
             "mem_used_bytes", "no memory sample in the window")
@@ -172,4 +171,4 @@ def _host_fields(m: Measurement, start: Edge, end: Edge, sampler: Sampler | None
     lo, hi = start.rss_lifetime_peak_bytes, end.rss_lifetime_peak_bytes
     if lo is not None and hi is not None and hi > lo:
         candidates.append(hi)  # the process set a new high-water mark inside the window
-    m.host_rss_peak_gib = max(c for c in candidates if c is not None) / _GIB
+    m.host_rss_peak_gib = max(c for c in candidates if c is not None) / GIB

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -10,8 +11,16 @@ from typing import Callable, Iterable
 import torch
 
 from mmprof.errors import UserError
-from mmprof.profiler import Measurement, Profiler, copy_bandwidth_gbps, synchronize
-from mmprof.runners.sweep import GIB, guarded, pending
+from mmprof.profiler import (
+    GIB,
+    MIN_POWER_UPDATES,
+    MIN_WINDOW_S,
+    Measurement,
+    Profiler,
+    copy_bandwidth_gbps,
+    synchronize,
+)
+from mmprof.runners.sweep import guarded, pending
 from mmprof.workloads import Decoder, build_model, weight_bytes
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision"]
@@ -185,14 +194,14 @@ def combine(ms: list[Measurement]) -> dict:
         "power_avg_w": (sum(p * d for p, d in avg_w) / dur) if all(p is not None for p, _ in avg_w) and dur else None,
         "power_peak_w": peak("power_peak_w"), "idle_power_w": rows[0].get("idle_power_w") if rows else None,
         "n_power_samples": sum(r.get("n_power_samples") or 0 for r in rows),
-        "low_confidence": 1 if (dur < 1.0 or sum(m.n_power_updates or 0 for m in ms) < 10) else 0,
+        "low_confidence": int(dur < MIN_WINDOW_S or (total("energy_integral_j") is not None and
+                                                     sum(m.n_power_updates for m in ms) < MIN_POWER_UPDATES)),
         "nvml_mem_used_gib": peak("nvml_mem_used_gib"), "host_rss_peak_gib": peak("host_rss_peak_gib"),
-        "cpu_util_pct": (sum((r.get("cpu_util_pct") or 0) * m.duration_s for r, m in zip(rows, ms)) / dur)
-        if dur else None,
+        "cpu_util_pct": (sum(m.cpu_util_pct * m.duration_s for m in ms) / dur)
+        if dur and all(m.cpu_util_pct is not None for m in ms) else None,
         "cpu_energy_j": total("cpu_energy_j"),
     }
-    reasons = {k: v for m in ms for k, v in (m.unavailable or {}).items()}
-    out["note"] = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    out["note"] = "; ".join(dict.fromkeys(m.note() for m in ms if m.note()))   # distinct, in order
     return out
 
 
@@ -200,7 +209,10 @@ def run(spec: DecodeSpec, emit: Callable[[dict], None], *, skip: Iterable[tuple]
         key: Callable[[dict], tuple] | None = None, trace_path=None,
         on_start: Callable[[Config], None] | None = None) -> list[dict]:
     rows = []
-    with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s, trace_path=trace_path) as prof:
+    # events and synchronisation go to the measured GPU, also when it is not the current one
+    on_gpu = torch.cuda.device(spec.device) if spec.device.startswith("cuda") else contextlib.nullcontext()
+    with on_gpu, Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
+                          trace_path=trace_path) as prof:
         copy_gbps = copy_bandwidth_gbps(spec.device) if spec.device.startswith("cuda") else None
         for cfg, row in pending(configs(spec), lambda c: c.spec_row(spec), key=key, skip=skip, on_start=on_start):
             row.update(guarded(lambda: measure(cfg, spec, prof, copy_gbps), spec.device))

@@ -102,8 +102,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-GIB = float(1 << 30)
-
 
 def pending(todo: Iterable[C], make_row: Callable[[C], dict], *, key: Callable[[dict], tuple] | None = None,
             skip: Iterable[tuple] = (), on_start: Callable[[C], None] | None = None) -> Iterator[tuple[C, dict]]:

@@ -8,8 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from mmprof.profiler import MemoryTracker, Profiler, fake_tensor_mode, time_fn
-from mmprof.runners.sweep import GIB, gpu_peak_tflops, guarded, pending
+from mmprof.profiler import GIB, MemoryTracker, Profiler, fake_tensor_mode, time_fn
+from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "device", "shard", "world_size", "rank"]
