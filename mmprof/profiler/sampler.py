@@ -21,7 +21,15 @@ from .gpu import GpuSource, Unavailable
 from .host import HostSource
 
 GPU_FIELDS = ("power_w", "mem_used_bytes", "gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c")
-SLOW_READERS = ("gpu_util_pct,mem_util_pct", "sm_clock_mhz", "temp_c")
+SLOW_FIELDS = {"gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c"}
+
+
+@dataclass
+class _Reader:
+    names: tuple[str, ...]  # the fields one NVML call answers
+    read: object  # () -> tuple of values; None once it failed for good
+    slow: bool  # read only every slow_every ticks
+    missing: tuple[float, ...]  # NaN per field, for the ticks it is not read
 
 
 @dataclass
@@ -59,13 +67,11 @@ class Sampler:
                  clock=time.monotonic, host_every: int = 10, slow_every: int = 10):
         if hz <= 0:
             raise ValueError("sample rate must be positive")
-        self.gpus = gpus
         self.host = host
         self.period_s = 1.0 / hz
         self.clock = clock
         self.host_every = host_every
         self.slow_every = max(1, slow_every)
-        self._n = 0
         self.traces = [GpuTrace(g.index) for g in gpus]
         self.host_t_s: array = array("d")
         self.host_rss_bytes: array = array("d")
@@ -83,13 +89,15 @@ class Sampler:
         if reason:
             trace.reasons["power_w"] = reason
         power = {"instant": gpu.power_instant_w, "average": gpu.power_usage_w}.get(source)
-        return {
-            "power_w": (lambda: (power(),)) if power else None,
-            "mem_used_bytes": lambda: (gpu.memory_used_bytes(),),
-            "gpu_util_pct,mem_util_pct": gpu.utilization_pct,
-            "sm_clock_mhz": lambda: (gpu.sm_clock_mhz(),),
-            "temp_c": lambda: (gpu.temperature_c(),),
+        reads = {
+            ("power_w",): (lambda: (power(),)) if power else None,
+            ("mem_used_bytes",): lambda: (gpu.memory_used_bytes(),),
+            ("gpu_util_pct", "mem_util_pct"): gpu.utilization_pct,
+            ("sm_clock_mhz",): lambda: (gpu.sm_clock_mhz(),),
+            ("temp_c",): lambda: (gpu.temperature_c(),),
         }
+        return [_Reader(names, read, bool(SLOW_FIELDS & set(names)), (math.nan,) * len(names))
+                for names, read in reads.items()]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mmprof-sampler", daemon=True)
@@ -133,7 +141,7 @@ class Sampler:
             next_t = self.clock()
             last_rapl = -math.inf
             while not self._stop.is_set():
-                self._sample_gpus()
+                self._sample_gpus(slow=n % self.slow_every == 0)
                 if self.host is not None and n % self.host_every == 0:
                     last_rapl = self._sample_host(last_rapl)
                 n += 1
@@ -148,25 +156,22 @@ class Sampler:
             with self._tick:
                 self._tick.notify_all()
 
-    def _sample_gpus(self) -> None:
+    def _sample_gpus(self, slow: bool) -> None:
         t_last = self._last_t
-        slow = self._n % self.slow_every == 0
-        self._n += 1
         for readers, trace in zip(self._readers, self.traces):
             t = self.clock()
             row: dict[str, float] = {}
-            for key, read in readers.items():
-                names = key.split(",")
-                values = (math.nan,) * len(names)
-                if read is not None and (slow or key not in SLOW_READERS):
+            for r in readers:
+                values = r.missing
+                if r.read is not None and (slow or not r.slow):
                     try:
-                        values = read()
+                        values = r.read()
                     except Unavailable as exc:
                         if exc.permanent:
-                            readers[key] = None
-                            for name in names:
+                            r.read = None
+                            for name in r.names:
                                 trace.reasons.setdefault(name, exc.reason)
-                row.update(zip(names, (float(v) for v in values)))
+                row.update(zip(r.names, (float(v) for v in values)))
             with self._lock:
                 trace.t_s.append(t)
                 for name in GPU_FIELDS:

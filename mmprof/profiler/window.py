@@ -86,8 +86,9 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
     m.n_samples = hi - lo
     for pos, g in enumerate(ctx.gpus):
         trace = ctx.sampler.traces[pos]
-        t_all, v_all = ctx.sampler.gpu_rows(pos, lo - 1, hi + 1)  # one sample either side for the edges
-        _, v_in = ctx.sampler.gpu_rows(pos, lo, hi)
+        first = max(0, lo - 1)
+        t_all, v_all = ctx.sampler.gpu_rows(pos, first, hi + 1)  # one sample either side for the edges
+        v_in = {f: v[lo - first:hi - first] for f, v in v_all.items()}
         mem = [x for x in v_in["mem_used_bytes"] if x == x]
         if mem:
             mem_peaks.append(max(mem))
