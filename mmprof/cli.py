@@ -68,10 +68,9 @@ def env(as_json: bool) -> None:
 @click.option("--columns", help="comma-separated columns to show (default: the informative ones)")
 def report(runs: tuple[str, ...], baseline: str | None, fmt: str, columns: str | None) -> None:
     """Show one or more runs (folders or CSVs), optionally relative to baseline rows."""
-    from mmprof.results import FORMATS, build_report, parse_baseline, read_run, render
+    from mmprof.results import build_report, check_format, parse_baseline, read_run, render
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     loaded = [read_run(r, raw=True) for r in runs]
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     frame = build_report(loaded, parse_baseline(baseline), cols)
@@ -106,14 +105,13 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str)
         raise UserError("give --out or --resume, not both")
     if resume:
         return RunWriter.resume(resume, command)
-    from mmprof.profiler import system_info
+    from mmprof.profiler import cuda_index, system_info
 
     info = system_info()
     meta = {"system": info}
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        gpus = info.get("gpus") if isinstance(info.get("gpus"), list) else []
-        gpu = next((g for g in gpus if g.get("index") == index), gpus[0] if gpus else {})
+    index = cuda_index(device)
+    if index is not None:
+        gpu = next((g for g in info["gpus"] if g.get("index") == index), {})
         meta.update(gpu=gpu.get("name"), driver=gpu.get("driver"))
     path = Path(out) if out else default_run_dir(command)
     return RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
@@ -125,6 +123,33 @@ def _progress():
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=Console(stderr=True), transient=True)
+
+
+def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: str) -> None:
+    """Run a sweep into `writer` (skipping what a resumed run has), with a progress bar; then print it."""
+    from mmprof.results import build_report, done_keys, read_run, render, row_key
+
+    skip = done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
+    todo = runner.configs(spec)
+    with _progress() as bar:
+        task = bar.add_task(label, total=len(todo))
+
+        def emit(row):
+            writer.append(row)
+            bar.advance(task)
+
+        runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
+                   trace_path=writer.trace_path("power_trace.csv"),
+                   on_start=lambda cfg: bar.update(task, description=f"{label} {cfg.label}"))
+    writer.finish()
+    click.echo(render(build_report([read_run(writer.path, raw=True)]), fmt,
+                      title=str(writer.path) if fmt == "table" else None), nl=False)
+    if fmt == "table":
+        df = read_run(writer.path).df
+        summary = summarize(df[df["status"].isin(["ok", "oom"])]) if len(df) else None
+        if summary is not None and len(summary):
+            click.echo(render(summary, "table", title=paper_claim), nl=False)
+    click.echo(f"run folder: {writer.path}", err=True)
 
 
 @main.command("train-memory")
@@ -152,14 +177,13 @@ def _progress():
 def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
                  min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
     """Training memory, time and energy: fused vs vanilla BitLinear vs Transformer++."""
-    from mmprof.results import FORMATS, done_keys, read_run, render, row_key
+    from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
     from mmprof.runners import train_memory as tm
     from mmprof.runners.sweep import parse_list, positive_int, resolve_device
     from mmprof.workloads import get_config
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     get_config(size)
     spec = tm.TrainMemorySpec(
         size=size,
@@ -169,36 +193,9 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
         seq=seq, steps=steps, warmup=warmup, device=resolve_device(device, gpus), precision=precision,
         estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
     )
-    skip = done_keys(read_run(resume), tm.KEY_COLUMNS) if resume else set()
     writer = _open_writer("train-memory", out, resume, spec.device)
     spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
-    todo = tm.configs(spec)
-    with _progress() as bar:
-        task = bar.add_task(f"train-memory {size}", total=len(todo))
-
-        def started(cfg):
-            bar.update(task, description=f"train-memory {size} {cfg.label}")
-
-        def emit(row):
-            writer.append(row)
-            bar.advance(task)
-
-        tm.run(spec, emit, skip=skip, key=lambda r: row_key(r, tm.KEY_COLUMNS),
-               trace_path=writer.trace_path("power_trace.csv"), on_start=started)
-        bar.update(task, completed=len(todo))
-    writer.finish()
-    run = read_run(writer.path)
-    summary = train_memory_summary(run.df[run.df["status"].isin(["ok", "oom"])]) if len(run.df) else None
-    if fmt == "table":
-        from mmprof.results import build_report
-        click.echo(render(build_report([read_run(writer.path, raw=True)]), "table", title=str(writer.path)),
-                   nl=False)
-        if summary is not None and len(summary):
-            click.echo(render(summary, "table", title=PAPER_TRAIN), nl=False)
-    else:
-        from mmprof.results import build_report
-        click.echo(render(build_report([read_run(writer.path, raw=True)]), fmt), nl=False)
-    click.echo(f"run folder: {writer.path}", err=True)
+    _sweep(writer, tm, spec, f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN)
 
 
 @main.command()
@@ -234,14 +231,13 @@ def plot(run: str, out_path: str | None) -> None:
 def decode_power(size, arch, weights, batch, prompt_len, new_tokens, repeats, min_window_s, device, gpus,
                  idle_s, out, resume, fmt) -> None:
     """Decoding speed, latency, memory, power and energy per token for both models."""
-    from mmprof.results import FORMATS, build_report, done_keys, read_run, render, row_key
+    from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
     from mmprof.runners import decode_power as dp
     from mmprof.runners.sweep import parse_list, resolve_device
     from mmprof.workloads import get_config
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     sizes = parse_list(size, "size", str)
     for s in sizes:
         get_config(s)
@@ -253,24 +249,6 @@ def decode_power(size, arch, weights, batch, prompt_len, new_tokens, repeats, mi
         weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
         device=resolved, min_window_s=min_window_s, idle_s=idle_s,
     )
-    todo = dp.configs(spec)          # refuses unsupported weights before anything is written
-    skip = done_keys(read_run(resume), dp.KEY_COLUMNS) if resume else set()
+    dp.configs(spec)                 # refuses unsupported weights before anything is written
     writer = _open_writer("decode-power", out, resume, spec.device)
-    with _progress() as bar:
-        task = bar.add_task("decode-power", total=len(todo))
-
-        def emit(row):
-            writer.append(row)
-            bar.advance(task)
-
-        dp.run(spec, emit, skip=skip, key=lambda r: row_key(r, dp.KEY_COLUMNS),
-               trace_path=writer.trace_path("power_trace.csv"),
-               on_start=lambda cfg: bar.update(task, description=f"decode-power {cfg.label}"))
-    writer.finish()
-    frame = build_report([read_run(writer.path, raw=True)])
-    click.echo(render(frame, fmt, title=str(writer.path) if fmt == "table" else None), nl=False)
-    if fmt == "table":
-        summary = decode_summary(read_run(writer.path).df)
-        if len(summary):
-            click.echo(render(summary, "table", title=PAPER_DECODE), nl=False)
-    click.echo(f"run folder: {writer.path}", err=True)
+    _sweep(writer, dp, spec, "decode-power", fmt, decode_summary, PAPER_DECODE)

@@ -4,7 +4,7 @@
 """
 
 from .bandwidth import copy_bandwidth_gbps
-from .device import synchronize
+from .device import cuda_index, synchronize
 from .fake import fake_tensor_mode
 from .gpu import GpuSource, NvmlUnavailable, Unavailable
 from .host import HostSource, RaplUnavailable
@@ -19,6 +19,6 @@ from .trace import Phase
 
 __all__ = [
     "GIB", "MIN_POWER_UPDATES", "MIN_WINDOW_S", "CATEGORIES", "GpuSource", "HostSource", "Measurement", "MemoryTracker", "NvmlGpu", "NvmlUnavailable",
-    "Phase", "Profiler", "RaplUnavailable", "TimingStats", "Unavailable", "WindowHandle", "copy_bandwidth_gbps",
+    "Phase", "Profiler", "RaplUnavailable", "TimingStats", "Unavailable", "WindowHandle", "copy_bandwidth_gbps", "cuda_index",
     "fake_tensor_mode", "open_gpus", "synchronize", "system_info", "time_fn",
 ]

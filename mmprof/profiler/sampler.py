@@ -75,6 +75,7 @@ class Sampler:
         self.traces = [GpuTrace(g.index) for g in gpus]
         self.host_t_s: array = array("d")
         self.host_rss_bytes: array = array("d")
+        self.rapl_poll_failures: list[tuple[float, str]] = []  # (time, reason) of RAPL polls that failed
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._tick = threading.Condition()
@@ -190,7 +191,8 @@ class Sampler:
         if t - last_rapl >= 1.0 and self.host.rapl_reason is None:
             try:
                 self.host.rapl_energy_j()
-            except Unavailable:
-                pass
+            except Unavailable as exc:  # a missed poll can miss a counter wrap: windows say so
+                with self._lock:
+                    self.rapl_poll_failures.append((t, exc.reason))
             return t
         return last_rapl

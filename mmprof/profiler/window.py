@@ -164,6 +164,9 @@ def _host_fields(m: Measurement, start: Edge, end: Edge, sampler: Sampler | None
         m.cpu_util_pct = 100.0 * (end.cpu_time_s - start.cpu_time_s) / m.duration_s
     if start.rapl_j is not None and end.rapl_j is not None:
         m.cpu_energy_j = end.rapl_j - start.rapl_j
+        failed = [why for t, why in (sampler.rapl_poll_failures if sampler else []) if start.t_s <= t <= end.t_s]
+        if failed:
+            m.notes.append(f"cpu_energy_j may miss a RAPL counter wrap: {len(failed)} poll(s) failed ({failed[0]})")
     else:
         m.unavailable["cpu_energy_j"] = end.rapl_reason or start.rapl_reason or "RAPL unreadable"
     candidates = [start.rss_bytes, end.rss_bytes]

@@ -1,7 +1,7 @@
 """Run folders, the CSV schema, report frames, renderings and export."""
 
 from mmprof.results.export import export, tidy
-from mmprof.results.render import FORMATS, render
+from mmprof.results.render import FORMATS, check_format, render
 from mmprof.results.report import build_report, parse_baseline
 from mmprof.results.store import (
     DEFAULT_ROOT,
@@ -14,6 +14,6 @@ from mmprof.results.store import (
 )
 
 __all__ = [
-    "DEFAULT_ROOT", "FORMATS", "Run", "RunWriter", "build_report", "default_run_dir", "done_keys",
+    "DEFAULT_ROOT", "FORMATS", "Run", "RunWriter", "build_report", "check_format", "default_run_dir", "done_keys",
     "export", "parse_baseline", "read_run", "render", "row_key", "tidy",
 ]

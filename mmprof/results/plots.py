@@ -12,20 +12,16 @@ import pandas as pd  # noqa: E402
 
 from mmprof.errors import UserError  # noqa: E402
 from mmprof.results.store import Run  # noqa: E402
+from mmprof.results.summaries import impl_label  # noqa: E402
 
 PHASE_COLOURS = {"prefill": "tab:orange", "decode": "tab:green", "idle": "tab:gray"}
-
-
-def _impl(row) -> str:
-    impl = row.get("bitlinear")
-    return f"{row['arch']} ({impl})" if isinstance(impl, str) and impl else str(row["arch"])
 
 
 def plot_train_memory(run: Run, out: Path) -> Path:
     df = run.df[run.df["status"] == "ok"].copy()
     if df.empty:
         raise UserError(f"run {run.path} has no ok rows to plot")
-    df["impl"] = [_impl(r) for _, r in df.iterrows()]
+    df["impl"] = [impl_label(r) for _, r in df.iterrows()]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl, g in df.groupby("impl"):
         g = g.sort_values("batch")
@@ -37,7 +33,7 @@ def plot_train_memory(run: Run, out: Path) -> Path:
     oom = run.df[run.df["status"] == "oom"]
     for _, r in oom.iterrows():
         ax_mem.axvline(r["batch"], color="red", alpha=0.25)
-        ax_mem.text(r["batch"], ax_mem.get_ylim()[1] * 0.95, f"OOM {_impl(r)}", rotation=90, fontsize=7,
+        ax_mem.text(r["batch"], ax_mem.get_ylim()[1] * 0.95, f"OOM {impl_label(r)}", rotation=90, fontsize=7,
                     color="red", va="top")
     size = df["size"].iloc[0] if "size" in df else ""
     seq = df["seq"].iloc[0] if "seq" in df else ""
@@ -73,7 +69,7 @@ def plot_power(run: Run, out: Path) -> Path:
             kind = str(p["label"]).split()[0]
             if kind not in PHASE_COLOURS:
                 continue
-            colour = PHASE_COLOURS.get(kind, "tab:blue")
+            colour = PHASE_COLOURS[kind]
             ax.axvspan(p["t_start_s"], p["t_end_s"], color=colour, alpha=0.15,
                        label=kind if kind not in seen else None)
             seen.add(kind)

@@ -66,15 +66,14 @@ def to_table(df: pd.DataFrame, title: str | None = None, console: Console | None
     return console.file.getvalue() if isinstance(console.file, io.StringIO) else ""
 
 
+RENDERERS = {"csv": to_csv, "json": to_json, "markdown": to_markdown, "latex": to_latex}
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
 def render(df: pd.DataFrame, fmt: str, title: str | None = None) -> str:
-    if fmt == "table":
-        return to_table(df, title)
-    if fmt == "csv":
-        return to_csv(df)
-    if fmt == "json":
-        return to_json(df)
-    if fmt == "markdown":
-        return to_markdown(df)
-    if fmt == "latex":
-        return to_latex(df)
-    raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
+    return to_table(df, title) if fmt == "table" else RENDERERS[fmt](df)

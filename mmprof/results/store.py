@@ -74,13 +74,24 @@ def _format_cell(value: Any) -> str:
     return str(value)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name beside `path`, fsync, rename into place: never a half-written file.
+    Raises OSError (the temporary file removed) when it cannot."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 @dataclass
@@ -91,6 +102,7 @@ class RunWriter:
     command: str
     columns: list[str]
     meta: dict = field(default_factory=dict)
+    resumed: "Run | None" = None  # the run as it was when resumed (its rows are not measured again)
 
     @classmethod
     def create(cls, path: Path | str, command: str, *, argv: Iterable[str] | None = None,
@@ -134,7 +146,7 @@ class RunWriter:
         columns = list(run.columns)
         meta = dict(run.meta)
         meta.setdefault("resumed_utc", []).append(utc_now())
-        writer = cls(path=Path(path), command=command, columns=columns, meta=meta)
+        writer = cls(path=Path(path), command=command, columns=columns, meta=meta, resumed=run)
         _write_json_atomic(writer.path / META, meta)
         return writer
 
@@ -215,26 +227,23 @@ def read_run(path: Path | str, *, raw: bool = False) -> Run:
     if not path.exists():
         raise UserError(f"no such run: {path}")
     if path.is_dir():
-        csv_path = path / MEASUREMENTS
+        folder, csv_path = path, path / MEASUREMENTS
         if not csv_path.exists():
             raise UserError(f"not a run folder (no {MEASUREMENTS}): {path}")
-        meta_path = path / META
-        meta: dict = {}
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed {meta_path}: {e.msg} at line {e.lineno}") from None
-        return Run(path=path, meta=meta, df=read_csv(csv_path, raw=raw))
-    sibling_meta = path.parent / META
-    meta = {}
-    if path.name == MEASUREMENTS and sibling_meta.exists():
-        try:
-            meta = json.loads(sibling_meta.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        return Run(path=path.parent, meta=meta, df=read_csv(path, raw=raw))
-    return Run(path=path, meta=meta, df=read_csv(path, raw=raw))
+    elif path.name == MEASUREMENTS:
+        folder, csv_path = path.parent, path
+    else:  # a bare CSV, no meta
+        return Run(path=path, meta={}, df=read_csv(path, raw=raw))
+    return Run(path=folder, meta=_read_meta(folder / META), df=read_csv(csv_path, raw=raw))
+
+
+def _read_meta(meta_path: Path) -> dict:
+    if not meta_path.exists():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"malformed {meta_path}: {e.msg} at line {e.lineno}") from None
 
 
 def done_keys(run: Run, key_columns: list[str]) -> set[tuple[str, ...]]:

@@ -19,7 +19,8 @@ def _fmt(v, digits: int = 2) -> str:
     return "" if pd.isna(v) else f"{v:.{digits}f}"
 
 
-def _label(row) -> str:
+def impl_label(row) -> str:
+    """mmfree-fused, mmfree-vanilla or transformer: the implementation a row measured."""
     impl = row.get("bitlinear")
     return f"{row['arch']}-{impl}" if isinstance(impl, str) and impl else str(row["arch"])
 
@@ -27,7 +28,7 @@ def _label(row) -> str:
 def train_memory_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per batch: peak GiB of each implementation, fused vs vanilla and fused vs Transformer++."""
     df = df.copy()
-    df["impl"] = [_label(r) for _, r in df.iterrows()]
+    df["impl"] = [impl_label(r) for _, r in df.iterrows()]
     rows = []
     for batch, group in df.groupby("batch", sort=True):
         by = {r["impl"]: r for _, r in group.iterrows()}
