@@ -17,7 +17,6 @@ from .sampler import probe_power
 from .measurement import GIB
 
 
-
 def _safe(fn, default=None):
     try:
         return fn()
@@ -39,8 +38,17 @@ def gpu_info(gpu: GpuSource) -> dict:
         "instant_power_field": power_source == "instant",
         "power_reading": power_source,
         "power_note": power_reason,
-        "energy_counter": _safe(gpu.energy_mj) is not None,
+        **_energy_counter(gpu),
     }
+
+
+def _energy_counter(gpu: GpuSource) -> dict:
+    """Whether the total-energy counter answers, and why not when it does not."""
+    try:
+        gpu.energy_mj()
+    except Unavailable as exc:
+        return {"energy_counter": False, "energy_counter_note": exc.reason}
+    return {"energy_counter": True, "energy_counter_note": None}
 
 
 def _cpu_model() -> str:
