@@ -1,0 +1,190 @@
+"""Decode-time BitLinear on packed ternary weights (W2A8): a few rows (batch 1-8) per call, with the
+norms before the projection, the int8 activation quantisation and the op after it fused in.
+
+For an input row x [K], an optional pre-norm weight a ([K], or [M, K] per row) and each quantised
+part p's BitLinear norm weight b_p [K]:
+
+    with a pre-norm:  r1 = 1/sqrt(sum x^2 / K + pre_eps),  u = x * a
+                      rowmult = r1 / sqrt(r1^2 * sum u^2 / K + eps)   (RMSNorm, then BitLinear's)
+    without:          u = x,  rowmult = 1/sqrt(sum x^2 / K + eps)     (BitLinear's RMSNorm only)
+    amax_p = max(max|u * b_p| * rowmult, 1e-5)
+    q_p    = round(u * b_p * (rowmult * 127 / amax_p)).clamp(-128, 127)      (int8)
+    acc    = sum_k q_p[k] * t[n, k]                                         (int32, t in {-1, 0, 1})
+    y      = acc * (amax_p / 127) * w_scale_p
+
+which is the fake-quantised BitLinear of the training path up to float rounding. `parts` weight
+matrices of N rows each are stacked in one packed tensor [parts * N, K/16]; each part is quantised
+with its own norm weight and scale, or all with the first (`shared_quant`, for the two halves of one
+matrix). Epilogues: "store" (y of every part), "residual" (residual + y), "mlgru" (parts i, f, g of
+an MLGRU: the recurrent state is updated in place and g and gate_weight * silu(state) are returned,
+the inputs of the next call's norm-gate prologue), "glu" (silu(y_a) * y_b).
+
+`w2a8_gemv_int` is the integer core alone (int8 input, int32 output), bit-exact against its twin.
+Every function has a plain-PyTorch twin (`*_ref`), used off CUDA and by the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from mmprof.kernels import w2a8_gemv_triton as tri
+from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend
+from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
+from mmprof.kernels.ternary_pack import packed_words, unpack_ternary
+
+EPILOGUES = {"store": tri.EPI_STORE, "residual": tri.EPI_RESIDUAL, "mlgru": tri.EPI_MLGRU, "glu": tri.EPI_GLU}
+MAX_ROWS = 8  # decode batches; prefill goes through the small-GEMM path
+
+_GPU_CONFIGS = [
+    ({"BLOCK_N": bn, "BLOCK_KW": kw}, warps)
+    for bn, kw, warps in [(8, 16, 2), (16, 16, 4), (16, 32, 4), (32, 16, 4), (32, 32, 8), (64, 16, 8), (8, 32, 4),
+                          (16, 64, 8)]
+]  # fmt: skip
+_kernel = triton.autotune(
+    configs=autotune_configs(_GPU_CONFIGS, interpret={"BLOCK_N": 4, "BLOCK_KW": 2}),
+    key=["N", "K", "NT", "EPILOGUE"],
+    restore_value=["H"],
+)(tri.w2a8_gemv_kernel)
+
+
+def _check(x, packed, features, parts, nq, norm_weights, w_scales):
+    if x.dim() != 2 or x.shape[1] != features:
+        raise ValueError(f"x must be [rows, {features}], got {tuple(x.shape)}")
+    if packed.dtype != torch.int32 or packed.shape[1] != packed_words(features) or packed.shape[0] % parts:
+        raise ValueError(f"packed must be int32 [{parts} * N, {packed_words(features)}], got {tuple(packed.shape)}")
+    if norm_weights is not None and tuple(norm_weights.shape) != (nq, features):
+        raise ValueError(f"norm_weights must be [{nq}, {features}], got {tuple(norm_weights.shape)}")
+    if w_scales is not None and w_scales.numel() != nq:
+        raise ValueError(f"w_scales must hold {nq} scales, got {w_scales.numel()}")
+    return packed.shape[0] // parts
+
+
+def w2a8_gemv(
+    x: Tensor, norm_weights: Tensor, packed: Tensor, w_scales: Tensor, *, parts: int = 1, shared_quant: bool = False,
+    pre_weight: Tensor | None = None, pre_eps: float = 1e-6, eps: float = NORM_EPS, epilogue: str = "store",
+    residual: Tensor | None = None, state: Tensor | None = None, lower_bound: Tensor | None = None,
+    gate_weight: Tensor | None = None, backend: str = "auto",
+):  # fmt: skip
+    """See the module docstring. x [M, K] (M <= 8); returns fp32 tensors (a pair for "mlgru")."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {', '.join(EPILOGUES)}, got {epilogue!r}")
+    nq = 1 if shared_quant else parts
+    n = _check(x, packed, x.shape[1], parts, nq, norm_weights, w_scales)
+    need = {"residual": (1, residual), "mlgru": (3, state), "glu": (2, None)}.get(epilogue)
+    if need is not None and parts != need[0]:
+        raise ValueError(f"epilogue {epilogue!r} needs parts={need[0]}, got {parts}")
+    if epilogue == "mlgru" and (state is None or gate_weight is None or shared_quant):
+        raise ValueError("epilogue 'mlgru' needs state and gate_weight, and separately quantised parts")
+    if epilogue == "glu" and not shared_quant:
+        raise ValueError("epilogue 'glu' takes the two halves of one matrix: shared_quant=True")
+    if epilogue == "residual" and residual is None:
+        raise ValueError("epilogue 'residual' needs residual")
+    if select_backend(backend, x) == "torch":
+        return w2a8_gemv_ref(x, norm_weights, packed, w_scales, parts=parts, shared_quant=shared_quant,
+                             pre_weight=pre_weight, pre_eps=pre_eps, eps=eps, epilogue=epilogue, residual=residual,
+                             state=state, lower_bound=lower_bound, gate_weight=gate_weight)  # fmt: skip
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"w2a8_gemv takes at most {MAX_ROWS} rows; use the small-GEMM path for more")
+    m, k = x.shape
+    out_cols = parts * n if epilogue == "store" else n
+    out = torch.empty(m, out_cols, device=x.device, dtype=torch.float32)
+    out2 = torch.empty(m, n, device=x.device, dtype=torch.float32) if epilogue == "mlgru" else out
+    a = pre_weight if pre_weight is not None else x
+    x, a = x.contiguous(), a.contiguous()
+    _launch(x, a, norm_weights.contiguous(), packed, w_scales.float().contiguous(), out,
+            residual if residual is not None else out, state if state is not None else out,
+            lower_bound if lower_bound is not None else out, gate_weight if gate_weight is not None else out, out2,
+            n, k, parts, shared_quant, nq, pre_weight is not None, pre_weight is not None and pre_weight.dim() == 2,
+            EPILOGUES[epilogue], lower_bound is not None, pre_eps, eps)  # fmt: skip
+    if epilogue == "mlgru":
+        return out, out2
+    return out
+
+
+def _launch(x, a, b, packed, ws, out, res, h, lb, gw, out2, n, k, parts, shared, nq, has_pre, a_rows, epi, has_lb,
+            pre_eps, eps):  # fmt: skip
+    for t in (res, h):
+        if t is not out and not t.is_contiguous():
+            raise ValueError("residual and state must be contiguous")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])  # noqa: E731
+    with device_guard(x):
+        _kernel[grid](
+            x, a, b, packed, ws, out, res, h, lb, gw, out2,
+            n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
+            NT=parts, SHARED_QUANT=shared, HAS_PRE=has_pre, A_ROWS=a_rows, NQ=nq, EPILOGUE=epi, HAS_LB=has_lb,
+            USE_DP4A=not interpreting(),
+        )  # fmt: skip
+
+
+def w2a8_gemv_int(q: Tensor, packed: Tensor, features: int, *, backend: str = "auto") -> Tensor:
+    """int8 q [M, K] times the ternary matrix packed [N, K/16] -> int32 [M, N], exact."""
+    if q.dtype != torch.int8:
+        raise ValueError(f"q must be int8, got {q.dtype}")
+    n = _check(q, packed, features, 1, 1, None, None)
+    if select_backend(backend, q) == "torch":
+        return w2a8_gemv_int_ref(q, packed, features)
+    if q.shape[0] > MAX_ROWS:
+        raise ValueError(f"w2a8_gemv_int takes at most {MAX_ROWS} rows")
+    q = q.contiguous()
+    out = torch.empty(q.shape[0], n, device=q.device, dtype=torch.int32)
+    _launch(q, q, q, packed, q, out, out, out, out, out, out, n, features, 1, True, 1, False, False, tri.EPI_INT,
+            False, 0.0, 0.0)  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch twins
+# ---------------------------------------------------------------------------------------------
+
+
+def w2a8_gemv_int_ref(q: Tensor, packed: Tensor, features: int) -> Tensor:
+    t = unpack_ternary(packed, features)
+    return (q.double() @ t.double().T).to(torch.int32)  # |sums| < 2^31 << 2^53: exact
+
+
+def quantize_parts_ref(x, norm_weights, pre_weight=None, pre_eps=1e-6, eps=NORM_EPS):
+    """(q [parts, M, K] int8, amax [parts, M]) as the kernel's prologue computes them."""
+    xf = x.float()
+    k = x.shape[1]
+    ss1 = (xf * xf).sum(-1)
+    if pre_weight is not None:
+        u = xf * pre_weight.float()
+        r1 = 1.0 / torch.sqrt(ss1 / k + pre_eps)
+        rowmult = r1 / torch.sqrt(r1 * r1 * (u * u).sum(-1) / k + eps)
+    else:
+        u = xf
+        rowmult = 1.0 / torch.sqrt(ss1 / k + eps)
+    qs, amaxes = [], []
+    for b in norm_weights.float():
+        ub = u * b
+        amax = (ub.abs().amax(-1) * rowmult).clamp(min=SCALE_FLOOR)
+        qs.append((ub * (rowmult * (127.0 / amax))[:, None]).round().clamp(-128, 127).to(torch.int8))
+        amaxes.append(amax)
+    return torch.stack(qs), torch.stack(amaxes)
+
+
+def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=False, pre_weight=None,
+                  pre_eps=1e-6, eps=NORM_EPS, epilogue="store", residual=None, state=None, lower_bound=None,
+                  gate_weight=None):  # fmt: skip
+    k = x.shape[1]
+    n = packed.shape[0] // parts
+    q, amax = quantize_parts_ref(x, norm_weights, pre_weight, pre_eps, eps)
+    ws = w_scales.float().reshape(-1)
+    ys = []
+    for p in range(parts):
+        j = 0 if shared_quant else p
+        acc = w2a8_gemv_int_ref(q[j], packed[p * n : (p + 1) * n], k)
+        ys.append(acc.float() * (amax[j] / 127.0)[:, None] * ws[j])
+    if epilogue == "store":
+        return torch.cat(ys, dim=1)
+    if epilogue == "residual":
+        return residual.float() + ys[0]
+    if epilogue == "glu":
+        return torch.nn.functional.silu(ys[0]) * ys[1]
+    f = torch.sigmoid(ys[1])
+    if lower_bound is not None:
+        f = lower_bound + (1.0 - lower_bound) * f
+    state.copy_(f * state + torch.nn.functional.silu(ys[0]) * (1.0 - f))
+    return ys[2], gate_weight.float() * torch.nn.functional.silu(state)

@@ -1,0 +1,200 @@
+"""The Triton kernel behind `w2a8_gemv`: a few rows of activations times packed ternary weights.
+
+Grid: (output blocks of BLOCK_N rows, input rows m). One program, in two passes over its input row:
+
+1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b|; from them
+   the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
+2. the product: each chunk of 16*BLOCK_KW inputs is quantised to int8 in registers, four at a time
+   packed into one int32 word, and combined with the 2-bit weight codes of the same 16 inputs by
+   `dp4a` (a 4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the
+   sum of the quantised inputs is subtracted once per row at the end. No weight is ever multiplied:
+   the only products are the integer dot products on the decoded codes.
+
+Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
+out byte by byte, which gives the same int32 result.
+
+Epilogues (EPILOGUE): 0 raw int32 sums (input already int8), 1 store, 2 add a residual,
+3 MLGRU step (parts i, f, g: gates, state update in place, the g_norm gate's inputs), 4 GLU
+(parts a, b of one matrix: silu(a) * b).
+"""
+
+import triton
+import triton.language as tl
+
+EPI_INT, EPI_STORE, EPI_RESIDUAL, EPI_MLGRU, EPI_GLU = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round's rounding (half to even) from floor, which the interpreter also has."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _dot4(xw, codes, acc, USE_DP4A: tl.constexpr):
+    """acc + the dot product of the 4 signed bytes of xw with the 4 unsigned bytes of codes."""
+    if USE_DP4A:
+        out = tl.inline_asm_elementwise(
+            "dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [xw, codes, acc],
+            dtype=tl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        out = acc
+        for b in tl.static_range(4):
+            out += ((xw << (24 - 8 * b)) >> 24) * ((codes >> (8 * b)) & 0xFF)
+    return out
+
+
+@triton.jit
+def _quantize(xa, b_ptr, offs, mask, mult):
+    """int8 levels (as int32) of xa * b * mult, rounded half to even and clamped to [-128, 127]."""
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = _round_half_even(xa * b * mult)
+    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
+
+
+@triton.jit
+def _pack4(q, shifts):
+    """[BLOCK_KW, 4] int8 levels -> [BLOCK_KW] int32 words, byte b holding column b."""
+    return tl.sum((q & 0xFF) << shifts[None, :], axis=1)
+
+
+@triton.jit
+def _row_stats(x_ptr, a_ptr, b_ptr, K, eps1, eps2,
+               NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The row's RMSNorm factor and the per-part quantisation multipliers (up to 3 parts)."""
+    ss1 = tl.zeros([BLOCK_K], tl.float32)
+    ss2 = tl.zeros([BLOCK_K], tl.float32)
+    m0 = tl.zeros([BLOCK_K], tl.float32)
+    m1 = tl.zeros([BLOCK_K], tl.float32)
+    m2 = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ss1 += x * x
+        if HAS_PRE:
+            x = x * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            ss2 += x * x
+        m0 = tl.maximum(m0, tl.abs(x * tl.load(b_ptr + offs, mask=mask, other=0.0)))
+        if NQ > 1:
+            m1 = tl.maximum(m1, tl.abs(x * tl.load(b_ptr + K + offs, mask=mask, other=0.0)))
+        if NQ > 2:
+            m2 = tl.maximum(m2, tl.abs(x * tl.load(b_ptr + 2 * K + offs, mask=mask, other=0.0)))
+    if HAS_PRE:
+        r1 = 1.0 / tl.sqrt(tl.sum(ss1) / K + eps1)
+        rowmult = r1 / tl.sqrt(r1 * r1 * tl.sum(ss2) / K + eps2)
+    else:
+        rowmult = 1.0 / tl.sqrt(tl.sum(ss1) / K + eps2)
+    amax0 = tl.maximum(tl.max(m0) * rowmult, 1e-5)
+    amax1 = tl.maximum(tl.max(m1) * rowmult, 1e-5)
+    amax2 = tl.maximum(tl.max(m2) * rowmult, 1e-5)
+    return rowmult, amax0, amax1, amax2
+
+
+@triton.jit
+def w2a8_gemv_kernel(
+    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2,
+    N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
+    NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
+    NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_DP4A: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    x_row = X + m * stride_x
+    a_row = A
+    if A_ROWS:
+        a_row = A + m * stride_a
+    if EPILOGUE != EPI_INT:
+        rowmult, amax0, amax1, amax2 = _row_stats(x_row, a_row, B, K, eps1, eps2, NQ, HAS_PRE, 16 * BLOCK_KW)
+        mult0 = rowmult * (127.0 / amax0)
+        mult1 = rowmult * (127.0 / amax1)
+        mult2 = rowmult * (127.0 / amax2)
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    jw = tl.arange(0, BLOCK_KW)
+    bb = tl.arange(0, 4)
+    shifts = 8 * bb
+    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
+    qs0 = tl.zeros([BLOCK_KW], tl.int32)
+    qs1 = tl.zeros([BLOCK_KW], tl.int32)
+    qs2 = tl.zeros([BLOCK_KW], tl.int32)
+    for kw0 in range(0, KW, BLOCK_KW):
+        wcol = kw0 + jw
+        wmask = nmask[:, None] & (wcol < KW)[None, :]
+        w_off = rn[:, None] * KW + wcol[None, :]
+        w0 = tl.load(W + w_off, mask=wmask, other=0)
+        if NT > 1:
+            w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
+        if NT > 2:
+            w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
+        for s in tl.static_range(4):
+            offs = kw0 * 16 + jw[:, None] * 16 + 4 * s + bb[None, :]
+            kmask = offs < K
+            if EPILOGUE == EPI_INT:
+                q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+            else:
+                xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+                if HAS_PRE:
+                    xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+                q0 = _quantize(xa, B, offs, kmask, mult0)
+            qs0 += tl.sum(q0, axis=1)
+            x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_DP4A)
+            if NT > 1:
+                if SHARED_QUANT:
+                    x1 = x0
+                else:
+                    q1 = _quantize(xa, B + K, offs, kmask, mult1)
+                    qs1 += tl.sum(q1, axis=1)
+                    x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+                acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_DP4A)
+            if NT > 2:
+                q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2)
+                qs2 += tl.sum(q2, axis=1)
+                x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+                acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_DP4A)
+
+    out_row = OUT + m * stride_out
+    i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
+    if EPILOGUE == EPI_INT:  # one part, input already int8
+        tl.store(out_row + rn, i0, mask=nmask)
+    else:
+        y0 = i0.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+        if NT > 1:
+            if SHARED_QUANT:
+                y1 = (tl.sum(acc1, axis=1) - tl.sum(qs0)).to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+            else:
+                y1 = (tl.sum(acc1, axis=1) - tl.sum(qs1)).to(tl.float32) * (amax1 / 127.0) * tl.load(WS + 1)
+        if NT > 2:
+            y2 = (tl.sum(acc2, axis=1) - tl.sum(qs2)).to(tl.float32) * (amax2 / 127.0) * tl.load(WS + 2)
+        if EPILOGUE == EPI_STORE:
+            tl.store(out_row + rn, y0, mask=nmask)
+            if NT > 1:
+                tl.store(out_row + N + rn, y1, mask=nmask)
+            if NT > 2:
+                tl.store(out_row + 2 * N + rn, y2, mask=nmask)
+        elif EPILOGUE == EPI_RESIDUAL:
+            res = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(out_row + rn, res + y0, mask=nmask)
+        elif EPILOGUE == EPI_MLGRU:
+            f = tl.sigmoid(y1)
+            if HAS_LB:
+                lb = tl.load(LB + rn, mask=nmask, other=0.0)
+                f = lb + (1.0 - lb) * f
+            i = y0 * tl.sigmoid(y0) * (1.0 - f)
+            h = f * tl.load(H + m * N + rn, mask=nmask, other=0.0) + i
+            tl.store(H + m * N + rn, h, mask=nmask)
+            tl.store(out_row + rn, y2, mask=nmask)
+            gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(OUT2 + m * N + rn, gw * h * tl.sigmoid(h), mask=nmask)
+        else:  # EPI_GLU
+            tl.store(out_row + rn, y0 * tl.sigmoid(y0) * y1, mask=nmask)

@@ -1,0 +1,156 @@
+"""Decode-time W2A8 GEMV: the integer core bit-exact against its twin; the fused norms,
+quantisation and epilogues against the twin; the twin against the training path's BitLinear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmprof.kernels._triton_util import interpreting
+from mmprof.kernels.bitlinear import bitlinear, rms_norm
+from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
+from mmprof.kernels.w2a8_gemv import w2a8_gemv, w2a8_gemv_int, w2a8_gemv_int_ref, w2a8_gemv_ref
+
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+# (rows M, inputs K, outputs N): K not a multiple of 16 and N not of the block too
+CPU_SHAPES = [(1, 64, 8), (3, 40, 5), (8, 100, 19)]
+GPU_SHAPES = [(1, 2048, 2048), (4, 5120, 5120), (1, 13824, 5120), (8, 2560, 6912)]
+
+
+def ids(shape):
+    return "M{}-K{}-N{}".format(*shape)
+
+
+def rel_rms_error(actual, expected):
+    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
+    return (diff / expected.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def packed_parts(parts, n, k, device, shared=False):
+    w = torch.randn(parts * n, k, device=device) * 0.02
+    if shared:
+        packed, scale = pack_weight(w)
+        return w, packed, scale.reshape(1)
+    pieces = [pack_weight(w[p * n : (p + 1) * n]) for p in range(parts)]
+    return w, torch.cat([p for p, _ in pieces]), torch.stack([s for _, s in pieces])
+
+
+def check_int_core(shape, device):
+    m, k, n = shape
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    packed = pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device))
+    out = w2a8_gemv_int(q, packed, k, backend="triton")
+    assert out.dtype == torch.int32 and torch.equal(out, w2a8_gemv_int_ref(q, packed, k))
+
+
+CASES = {  # name: (parts, shared_quant, epilogue, pre-norm weight per row)
+    "store": (1, False, "store", False),
+    "store-3-parts": (3, False, "store", False),
+    "residual": (1, False, "residual", False),
+    "glu": (2, True, "glu", False),
+    "mlgru": (3, False, "mlgru", False),
+    "row-pre-weight": (1, False, "residual", True),
+}
+
+
+def check_fused(shape, case, device, dtype=torch.float32, pre=True):
+    parts, shared, epilogue, row_pre = CASES[case]
+    m, k, n = shape
+    _, packed, scales = packed_parts(parts, n, k, device, shared)
+    nq = 1 if shared else parts
+    x = (torch.randn(m, k, device=device) * 2).to(dtype)
+    norms = 1 + 0.3 * torch.randn(nq, k, device=device)
+    kw = dict(parts=parts, shared_quant=shared, epilogue=epilogue)
+    if pre:
+        kw["pre_weight"] = torch.rand(m, k, device=device) + 0.5 if row_pre else 1 + 0.3 * torch.randn(k, device=device)
+    if epilogue == "residual":
+        kw["residual"] = torch.randn(m, n, device=device)
+    states = None
+    if epilogue == "mlgru":
+        states = [torch.randn(m, n, device=device) for _ in range(2)]
+        states[1].copy_(states[0])
+        kw.update(lower_bound=torch.rand(n, device=device), gate_weight=1 + 0.3 * torch.randn(n, device=device))
+    out = w2a8_gemv(x, norms, packed, scales, backend="triton", state=states and states[0], **kw)
+    ref = w2a8_gemv_ref(x, norms, packed, scales, state=states and states[1], **kw)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for a, b in zip(outs, refs):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert rel_rms_error(a, b) < 1e-4   # sums are exact; a rounding tie may flip one level
+    if states:
+        assert rel_rms_error(states[0], states[1]) < 1e-4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=ids)
+def test_integer_core_is_bit_exact(shape):
+    check_int_core(shape, "cpu")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shape", CPU_SHAPES[:2], ids=ids)
+def test_fused_kernel_matches_twin(shape, case):
+    check_fused(shape, case, "cpu", dtype=torch.float16 if case == "store" else torch.float32)
+
+
+@needs_interpreter
+def test_without_pre_norm_matches_twin():
+    check_fused((2, 48, 7), "store", "cpu", pre=False)
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["bitlinear", "rmsnorm-then-bitlinear"])
+def test_twin_is_the_fake_quant_bitlinear(pre):
+    torch.manual_seed(3)
+    k, n = 96, 24
+    x = torch.randn(5, k)
+    w = torch.randn(n, k) * 0.02
+    norm = 1 + 0.3 * torch.randn(k)
+    pre_w = 1 + 0.3 * torch.randn(k)
+    packed, scale = pack_weight(w)
+    kw = {"pre_weight": pre_w, "pre_eps": 1e-6} if pre else {}
+    out = w2a8_gemv_ref(x, norm[None], packed, scale.reshape(1), **kw)
+    src = rms_norm(x, pre_w, 1e-6) if pre else x
+    expected = bitlinear(src, norm, w, impl="vanilla")
+    assert rel_rms_error(out, expected) < 1e-4
+
+
+def test_twin_epilogues_follow_their_definitions():
+    torch.manual_seed(4)
+    k, n = 64, 16
+    _, packed, scales = packed_parts(3, n, k, "cpu")
+    x, norms, state = torch.randn(2, k), torch.ones(3, k), torch.randn(2, n)
+    i, f, g = w2a8_gemv_ref(x, norms, packed, scales, parts=3).chunk(3, dim=1)
+    lb, gw = torch.rand(n), torch.rand(n)
+    old = state.clone()
+    g2, gate = w2a8_gemv_ref(x, norms, packed, scales, parts=3, epilogue="mlgru", state=state, lower_bound=lb,
+                             gate_weight=gw)  # fmt: skip
+    forget = lb + (1 - lb) * torch.sigmoid(f)
+    assert torch.allclose(state, forget * old + F.silu(i) * (1 - forget))
+    assert torch.equal(g2, g) and torch.allclose(gate, gw * F.silu(state))
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(1, 32)
+    packed, scale = pack_weight(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="epilogue"):
+        w2a8_gemv(x, torch.ones(1, 32), packed, scale.reshape(1), epilogue="nope")
+    with pytest.raises(ValueError, match="parts=3"):
+        w2a8_gemv(x, torch.ones(1, 32), packed, scale.reshape(1), epilogue="mlgru")
+    with pytest.raises(ValueError, match="packed must be"):
+        w2a8_gemv(torch.randn(1, 40), torch.ones(1, 40), packed, scale.reshape(1))
+    with pytest.raises(ValueError, match="norm_weights"):
+        w2a8_gemv(x, torch.ones(2, 32), packed, scale.reshape(1))
+    with pytest.raises(ValueError, match="int8"):
+        w2a8_gemv_int(x, packed, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=ids)
+def test_gpu_integer_core_is_bit_exact(shape):
+    check_int_core(shape, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fused_kernel_matches_twin(case, dtype):
+    check_fused((2, 2560, 2560), case, "cuda", dtype=dtype)
