@@ -136,7 +136,8 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
 
         def emit(row):
             writer.append(row)
-            bar.advance(task)
+            if row.get("row_kind") != "rank" or row.get("world_size", 1) == 1:   # one step per configuration
+                bar.advance(task)
 
         runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
                    trace_path=writer.trace_path("power_trace.csv"),
@@ -150,6 +151,23 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
         if summary is not None and len(summary):
             click.echo(render(summary, "table", title=paper_claim), nl=False)
     click.echo(f"run folder: {writer.path}", err=True)
+
+
+def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: tuple) -> None:
+    """The sweep under torchrun: every rank measures; rank 0 alone opens the run folder, writes, prints."""
+    from mmprof.runners.distributed import start
+
+    job = start(plan.device)
+    try:
+        spec = dataclasses.replace(spec, device=job.device)
+        runner = make_runner(job)
+        writer = job.share_call(lambda: _open_writer(command, out, resume, job.device))
+        if job.rank == 0:
+            _sweep(writer, runner, spec, *sweep_args)
+        else:
+            runner.run(spec, lambda row: None)
+    finally:
+        job.finish()
 
 
 @main.command("train-memory")
@@ -167,6 +185,12 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
 @click.option("--precision", type=click.Choice(["bf16-autocast", "bf16", "fp32"]), default="bf16-autocast",
               show_default=True)
 @click.option("--estimate", is_flag=True, help="on a GPU, add the no-GPU estimate and its error")
+@click.option("--checkpointing", default="none", show_default=True,
+              help="none,layer: activation checkpointing of every block (a list sweeps both)")
+@click.option("--shard", type=click.Choice(["none", "fsdp"]), default="none", show_default=True,
+              help="fsdp: FSDP2 under torchrun, one process per GPU (or its estimate with --device meta)")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="processes of the sharded job (required with --shard fsdp --device meta)")
 @click.option("--min-window-s", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -175,24 +199,34 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
 def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
-                 min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
+                 checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
     """Training memory, time and energy: fused vs vanilla BitLinear vs Transformer++."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
     from mmprof.runners import train_memory as tm
-    from mmprof.runners.sweep import parse_list, positive_int, resolve_device
+    from mmprof.runners.distributed import plan as shard_plan
+    from mmprof.runners.sweep import parse_list, positive_int
     from mmprof.workloads import get_config
+    from mmprof.workloads.checkpointing import CHECKPOINTING
 
     check_format(fmt)
     get_config(size)
+    job = shard_plan(shard, world_size, device, gpus)
     spec = tm.TrainMemorySpec(
         size=size,
         archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("fused", "vanilla"))),
         batches=tuple(parse_list(batch, "batch", positive_int)),
-        seq=seq, steps=steps, warmup=warmup, device=resolve_device(device, gpus), precision=precision,
+        seq=seq, steps=steps, warmup=warmup, device=job.device, precision=precision,
         estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
+        checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
+        shard=job.shard, world_size=job.world_size,
     )
+    if job.distributed:
+        from mmprof.runners.train_memory_fsdp import Runner
+
+        return _sweep_job(job, Runner, spec, "train-memory", out, resume,
+                          (f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN))
     writer = _open_writer("train-memory", out, resume, spec.device)
     spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
     _sweep(writer, tm, spec, f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN)
@@ -216,6 +250,8 @@ def plot(run: str, out_path: str | None) -> None:
 @click.option("--arch", default="mmfree,transformer", show_default=True)
 @click.option("--weights", type=click.Choice(["fake-quant", "packed", "bf16"]), default="fake-quant",
               show_default=True, help="MatMul-free weights; the transformer always decodes bf16")
+@click.option("--graph/--no-graph", default=None,
+              help="replay each decode step from a CUDA graph (default: on CUDA devices)")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=256, show_default=True)
@@ -224,31 +260,40 @@ def plot(run: str, out_path: str | None) -> None:
               help="repeats are added until the decode windows add up to this")
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
 @click.option("--gpus", default=None, help="GPU index (default 0)")
+@click.option("--shard", type=click.Choice(["none", "replicate"]), default="none", show_default=True,
+              help="replicate: under torchrun, every GPU decodes its own prompts with a full replica")
 @click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-decode-power)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
-def decode_power(size, arch, weights, batch, prompt_len, new_tokens, repeats, min_window_s, device, gpus,
-                 idle_s, out, resume, fmt) -> None:
+def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repeats, min_window_s, device, gpus,
+                 shard, idle_s, out, resume, fmt) -> None:
     """Decoding speed, latency, memory, power and energy per token for both models."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
     from mmprof.runners import decode_power as dp
-    from mmprof.runners.sweep import parse_list, resolve_device
+    from mmprof.runners.distributed import plan as shard_plan
+    from mmprof.runners.sweep import parse_list
     from mmprof.workloads import get_config
 
     check_format(fmt)
     sizes = parse_list(size, "size", str)
     for s in sizes:
         get_config(s)
-    resolved = resolve_device(device, gpus)
+    job = shard_plan(shard, None, device, gpus, sharded="replicate", estimate_ok=False)
+    resolved = job.device
     if resolved == "meta":
         resolved = "cpu"            # decoding is measured, never estimated: no GPU means the CPU
     spec = dp.DecodeSpec(
         sizes=tuple(sizes), archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-        device=resolved, min_window_s=min_window_s, idle_s=idle_s,
+        device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph,
     )
-    dp.configs(spec)                 # refuses unsupported weights before anything is written
+    dp.configs(spec)                 # refuses unsupported weights or options before anything is written
+    if job.distributed:
+        from mmprof.runners.decode_replicate import Runner
+
+        return _sweep_job(job, Runner, spec, "decode-power", out, resume,
+                          ("decode-power", fmt, decode_summary, PAPER_DECODE))
     writer = _open_writer("decode-power", out, resume, spec.device)
     _sweep(writer, dp, spec, "decode-power", fmt, decode_summary, PAPER_DECODE)

@@ -19,6 +19,12 @@ matrix). Epilogues: "store" (y of every part), "residual" (residual + y), "mlgru
 an MLGRU: the recurrent state is updated in place and g and gate_weight * silu(state) are returned,
 the inputs of the next call's norm-gate prologue), "glu" (silu(y_a) * y_b).
 
+Row statistics. The quantisation needs, per row, sum x^2, sum u^2 and max |u * b_p| (`row_sums_ref`).
+By default each program computes them in a first pass over its input row. A launch whose output is
+the next launch's input can instead add them up as it writes the row (`next_sums=(buffer [M, 5],
+the next launch's norm_weights, its pre_weight, or "gate" after the "mlgru" epilogue)`, the buffer
+zeroed beforehand), and the next launch reads them (`sums=buffer`) and skips that pass.
+
 `w2a8_gemv_int` is the integer core alone (int8 input, int32 output), bit-exact against its twin.
 Every function has a plain-PyTorch twin (`*_ref`), used off CUDA and by the tests.
 """
@@ -34,14 +40,16 @@ from mmprof.kernels._triton_util import autotune_configs, device_guard, interpre
 from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
 from mmprof.kernels.ternary_pack import packed_words, unpack_ternary
 
-EPILOGUES = {"store": tri.EPI_STORE, "residual": tri.EPI_RESIDUAL, "mlgru": tri.EPI_MLGRU, "glu": tri.EPI_GLU}
+EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
+                                                 ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
 MAX_ROWS = 8  # decode batches; prefill goes through the small-GEMM path
 
 _GPU_CONFIGS = [
     ({"BLOCK_N": bn, "BLOCK_KW": kw}, warps)
-    for bn, kw, warps in [(8, 16, 2), (16, 16, 4), (16, 32, 4), (32, 16, 4), (32, 32, 8), (64, 16, 8), (8, 32, 4),
-                          (16, 64, 8)]
+    for bn, kw, warps in [(4, 64, 4), (8, 64, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8),
+                          (16, 128, 8)]
 ]  # fmt: skip
+STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
 _kernel = triton.autotune(
     configs=autotune_configs(_GPU_CONFIGS, interpret={"BLOCK_N": 4, "BLOCK_KW": 2}),
     key=["N", "K", "NT", "EPILOGUE"],
@@ -65,56 +73,70 @@ def w2a8_gemv(
     x: Tensor, norm_weights: Tensor, packed: Tensor, w_scales: Tensor, *, parts: int = 1, shared_quant: bool = False,
     pre_weight: Tensor | None = None, pre_eps: float = 1e-6, eps: float = NORM_EPS, epilogue: str = "store",
     residual: Tensor | None = None, state: Tensor | None = None, lower_bound: Tensor | None = None,
-    gate_weight: Tensor | None = None, backend: str = "auto",
+    gate_weight: Tensor | None = None, sums: Tensor | None = None, next_sums: tuple | None = None,
+    backend: str = "auto",
 ):  # fmt: skip
     """See the module docstring. x [M, K] (M <= 8); returns fp32 tensors (a pair for "mlgru")."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {', '.join(EPILOGUES)}, got {epilogue!r}")
     nq = 1 if shared_quant else parts
     n = _check(x, packed, x.shape[1], parts, nq, norm_weights, w_scales)
-    need = {"residual": (1, residual), "mlgru": (3, state), "glu": (2, None)}.get(epilogue)
-    if need is not None and parts != need[0]:
-        raise ValueError(f"epilogue {epilogue!r} needs parts={need[0]}, got {parts}")
+    need = {"residual": 1, "mlgru": 3, "glu": 2}.get(epilogue)
+    if need is not None and parts != need:
+        raise ValueError(f"epilogue {epilogue!r} needs parts={need}, got {parts}")
     if epilogue == "mlgru" and (state is None or gate_weight is None or shared_quant):
         raise ValueError("epilogue 'mlgru' needs state and gate_weight, and separately quantised parts")
     if epilogue == "glu" and not shared_quant:
         raise ValueError("epilogue 'glu' takes the two halves of one matrix: shared_quant=True")
     if epilogue == "residual" and residual is None:
         raise ValueError("epilogue 'residual' needs residual")
+    if next_sums is not None and epilogue == "store":
+        raise ValueError("next_sums needs an epilogue that writes one row: residual, mlgru or glu")
+    args = dict(parts=parts, shared_quant=shared_quant, pre_weight=pre_weight, pre_eps=pre_eps, eps=eps,
+                epilogue=epilogue, residual=residual, state=state, lower_bound=lower_bound, gate_weight=gate_weight,
+                sums=sums, next_sums=next_sums)  # fmt: skip
     if select_backend(backend, x) == "torch":
-        return w2a8_gemv_ref(x, norm_weights, packed, w_scales, parts=parts, shared_quant=shared_quant,
-                             pre_weight=pre_weight, pre_eps=pre_eps, eps=eps, epilogue=epilogue, residual=residual,
-                             state=state, lower_bound=lower_bound, gate_weight=gate_weight)  # fmt: skip
+        return w2a8_gemv_ref(x, norm_weights, packed, w_scales, **args)
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"w2a8_gemv takes at most {MAX_ROWS} rows; use the small-GEMM path for more")
-    m, k = x.shape
-    out_cols = parts * n if epilogue == "store" else n
-    out = torch.empty(m, out_cols, device=x.device, dtype=torch.float32)
+    m = x.shape[0]
+    out = torch.empty(m, parts * n if epilogue == "store" else n, device=x.device, dtype=torch.float32)
     out2 = torch.empty(m, n, device=x.device, dtype=torch.float32) if epilogue == "mlgru" else out
-    a = pre_weight if pre_weight is not None else x
-    x, a = x.contiguous(), a.contiguous()
-    _launch(x, a, norm_weights.contiguous(), packed, w_scales.float().contiguous(), out,
-            residual if residual is not None else out, state if state is not None else out,
-            lower_bound if lower_bound is not None else out, gate_weight if gate_weight is not None else out, out2,
-            n, k, parts, shared_quant, nq, pre_weight is not None, pre_weight is not None and pre_weight.dim() == 2,
-            EPILOGUES[epilogue], lower_bound is not None, pre_eps, eps)  # fmt: skip
+    st_out, next_b, next_a = next_sums if next_sums is not None else (out, out, None)
+    next_kind = 0 if next_a is None else 2 if isinstance(next_a, str) else 1
+    if next_kind == 2 and (next_a != "gate" or epilogue != "mlgru"):
+        raise ValueError("the next pre-norm weight may be 'gate' only after the 'mlgru' epilogue")
+    _launch(
+        x.contiguous(), packed, out, n, parts, epilogue=EPILOGUES[epilogue], shared=shared_quant, nq=nq,
+        a=pre_weight.contiguous() if pre_weight is not None else None, b=norm_weights.contiguous(),
+        ws=w_scales.float().contiguous(), res=residual, h=state, lb=lower_bound, gw=gate_weight, out2=out2,
+        st_in=sums, st_out=st_out, na=next_a if next_kind == 1 else None, nb=next_b,
+        nqn=next_b.shape[0] if next_sums is not None else 0, next_kind=next_kind, pre_eps=pre_eps, eps=eps,
+    )  # fmt: skip
     if epilogue == "mlgru":
         return out, out2
     return out
 
 
-def _launch(x, a, b, packed, ws, out, res, h, lb, gw, out2, n, k, parts, shared, nq, has_pre, a_rows, epi, has_lb,
-            pre_eps, eps):  # fmt: skip
-    for t in (res, h):
-        if t is not out and not t.is_contiguous():
-            raise ValueError("residual and state must be contiguous")
+def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=None, ws=None, res=None, h=None,
+            lb=None, gw=None, out2=None, st_in=None, st_out=None, na=None, nb=None, nqn=0, next_kind=0,
+            pre_eps=0.0, eps=0.0):  # fmt: skip
+    """One launch; pointers that a configuration does not read are given `out` (never dereferenced)."""
+    for t in (res, h, st_in, st_out):
+        if t is not None and not t.is_contiguous():
+            raise ValueError("residual, state and sums buffers must be contiguous")
+    k = x.shape[1]
+    a_rows = a is not None and a.dim() == 2
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])  # noqa: E731
+    ptr = lambda t: out if t is None else t  # noqa: E731
     with device_guard(x):
         _kernel[grid](
-            x, a, b, packed, ws, out, res, h, lb, gw, out2,
+            x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
+            ptr(st_out), ptr(na), ptr(nb),
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
-            NT=parts, SHARED_QUANT=shared, HAS_PRE=has_pre, A_ROWS=a_rows, NQ=nq, EPILOGUE=epi, HAS_LB=has_lb,
-            USE_DP4A=not interpreting(),
+            NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
+            HAS_LB=lb is not None, USE_DP4A=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
+            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),
         )  # fmt: skip
 
 
@@ -127,10 +149,8 @@ def w2a8_gemv_int(q: Tensor, packed: Tensor, features: int, *, backend: str = "a
         return w2a8_gemv_int_ref(q, packed, features)
     if q.shape[0] > MAX_ROWS:
         raise ValueError(f"w2a8_gemv_int takes at most {MAX_ROWS} rows")
-    q = q.contiguous()
     out = torch.empty(q.shape[0], n, device=q.device, dtype=torch.int32)
-    _launch(q, q, q, packed, q, out, out, out, out, out, out, n, features, 1, True, 1, False, False, tri.EPI_INT,
-            False, 0.0, 0.0)  # fmt: skip
+    _launch(q.contiguous(), packed, out, n, 1, epilogue=tri.EPI_INT.value)
     return out
 
 
@@ -144,33 +164,54 @@ def w2a8_gemv_int_ref(q: Tensor, packed: Tensor, features: int) -> Tensor:
     return (q.double() @ t.double().T).to(torch.int32)  # |sums| < 2^31 << 2^53: exact
 
 
-def quantize_parts_ref(x, norm_weights, pre_weight=None, pre_eps=1e-6, eps=NORM_EPS):
-    """(q [parts, M, K] int8, amax [parts, M]) as the kernel's prologue computes them."""
+def row_sums_ref(x: Tensor, norm_weights: Tensor, pre_weight: Tensor | None = None) -> Tensor:
+    """[M, 5] fp32: sum x^2, sum (x*a)^2 (0 without a pre-norm) and max |x*a*b_p| for p < 3 (0 past
+    the last part): what the kernel's statistics pass computes, and what `next_sums` accumulates."""
+    xf = x.float()
+    u = xf * pre_weight.float() if pre_weight is not None else xf
+    sums = xf.new_zeros(x.shape[0], 5)
+    sums[:, 0] = (xf * xf).sum(-1)
+    if pre_weight is not None:
+        sums[:, 1] = (u * u).sum(-1)
+    for p, b in enumerate(norm_weights.float()):
+        sums[:, 2 + p] = (u * b).abs().amax(-1)
+    return sums
+
+
+def quantize_parts_ref(x, norm_weights, pre_weight=None, pre_eps=1e-6, eps=NORM_EPS, sums=None):
+    """(q [parts, M, K] int8, amax [parts, M]) as the kernel quantises (sums: row_sums_ref's)."""
     xf = x.float()
     k = x.shape[1]
-    ss1 = (xf * xf).sum(-1)
+    sums = row_sums_ref(x, norm_weights, pre_weight) if sums is None else sums
     if pre_weight is not None:
         u = xf * pre_weight.float()
-        r1 = 1.0 / torch.sqrt(ss1 / k + pre_eps)
-        rowmult = r1 / torch.sqrt(r1 * r1 * (u * u).sum(-1) / k + eps)
+        r1 = 1.0 / torch.sqrt(sums[:, 0] / k + pre_eps)
+        rowmult = r1 / torch.sqrt(r1 * r1 * sums[:, 1] / k + eps)
     else:
         u = xf
-        rowmult = 1.0 / torch.sqrt(ss1 / k + eps)
+        rowmult = 1.0 / torch.sqrt(sums[:, 0] / k + eps)
     qs, amaxes = [], []
-    for b in norm_weights.float():
-        ub = u * b
-        amax = (ub.abs().amax(-1) * rowmult).clamp(min=SCALE_FLOOR)
-        qs.append((ub * (rowmult * (127.0 / amax))[:, None]).round().clamp(-128, 127).to(torch.int8))
+    for p, b in enumerate(norm_weights.float()):
+        amax = (sums[:, 2 + p] * rowmult).clamp(min=SCALE_FLOOR)
+        qs.append(((u * b) * (rowmult * (127.0 / amax))[:, None]).round().clamp(-128, 127).to(torch.int8))
         amaxes.append(amax)
     return torch.stack(qs), torch.stack(amaxes)
 
 
+def _add_next_sums(next_sums, v, gate):
+    buf, next_b, next_a = next_sums
+    a = gate if isinstance(next_a, str) else next_a
+    new = row_sums_ref(v, next_b, a)
+    buf[:, :2] += new[:, :2]
+    buf[:, 2:] = torch.maximum(buf[:, 2:], new[:, 2:])
+
+
 def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=False, pre_weight=None,
                   pre_eps=1e-6, eps=NORM_EPS, epilogue="store", residual=None, state=None, lower_bound=None,
-                  gate_weight=None):  # fmt: skip
+                  gate_weight=None, sums=None, next_sums=None):  # fmt: skip
     k = x.shape[1]
     n = packed.shape[0] // parts
-    q, amax = quantize_parts_ref(x, norm_weights, pre_weight, pre_eps, eps)
+    q, amax = quantize_parts_ref(x, norm_weights, pre_weight, pre_eps, eps, sums)
     ws = w_scales.float().reshape(-1)
     ys = []
     for p in range(parts):
@@ -179,12 +220,18 @@ def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=Fa
         ys.append(acc.float() * (amax[j] / 127.0)[:, None] * ws[j])
     if epilogue == "store":
         return torch.cat(ys, dim=1)
+    gate = None
     if epilogue == "residual":
-        return residual.float() + ys[0]
-    if epilogue == "glu":
-        return torch.nn.functional.silu(ys[0]) * ys[1]
-    f = torch.sigmoid(ys[1])
-    if lower_bound is not None:
-        f = lower_bound + (1.0 - lower_bound) * f
-    state.copy_(f * state + torch.nn.functional.silu(ys[0]) * (1.0 - f))
-    return ys[2], gate_weight.float() * torch.nn.functional.silu(state)
+        out = v = residual.float() + ys[0]
+    elif epilogue == "glu":
+        out = v = torch.nn.functional.silu(ys[0]) * ys[1]
+    else:
+        f = torch.sigmoid(ys[1])
+        if lower_bound is not None:
+            f = lower_bound + (1.0 - lower_bound) * f
+        state.copy_(f * state + torch.nn.functional.silu(ys[0]) * (1.0 - f))
+        v, gate = ys[2], gate_weight.float() * torch.nn.functional.silu(state)
+        out = (v, gate)
+    if next_sums is not None:
+        _add_next_sums(next_sums, v, gate)
+    return out

@@ -1,14 +1,17 @@
 """The Triton kernel behind `w2a8_gemv`: a few rows of activations times packed ternary weights.
 
-Grid: (output blocks of BLOCK_N rows, input rows m). One program, in two passes over its input row:
+Grid: (output blocks of BLOCK_N rows, input rows m). One program:
 
-1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b|; from them
-   the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
+1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b| - read
+   from ST_IN when the launch that wrote x summed them, else computed in a pass over the row; from
+   them the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
 2. the product: each chunk of 16*BLOCK_KW inputs is quantised to int8 in registers, four at a time
    packed into one int32 word, and combined with the 2-bit weight codes of the same 16 inputs by
    `dp4a` (a 4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the
    sum of the quantised inputs is subtracted once per row at the end. No weight is ever multiplied:
-   the only products are the integer dot products on the decoded codes.
+   the only products are the integer dot products on the decoded codes;
+3. the epilogue, and (NQN > 0) this program's share of the statistics of the row it wrote, for the
+   launch that reads it next, added to ST_OUT with atomics.
 
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
 out byte by byte, which gives the same int32 result.
@@ -21,7 +24,7 @@ Epilogues (EPILOGUE): 0 raw int32 sums (input already int8), 1 store, 2 add a re
 import triton
 import triton.language as tl
 
-EPI_INT, EPI_STORE, EPI_RESIDUAL, EPI_MLGRU, EPI_GLU = 0, 1, 2, 3, 4
+EPI_INT, EPI_STORE, EPI_RESIDUAL, EPI_MLGRU, EPI_GLU = (tl.constexpr(v) for v in range(5))  # read by the kernel
 
 
 @triton.jit
@@ -64,9 +67,8 @@ def _pack4(q, shifts):
 
 
 @triton.jit
-def _row_stats(x_ptr, a_ptr, b_ptr, K, eps1, eps2,
-               NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The row's RMSNorm factor and the per-part quantisation multipliers (up to 3 parts)."""
+def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum x^2, sum (x*a)^2 and max |x*a*b_p| (p < 3) of one input row (the statistics pass)."""
     ss1 = tl.zeros([BLOCK_K], tl.float32)
     ss2 = tl.zeros([BLOCK_K], tl.float32)
     m0 = tl.zeros([BLOCK_K], tl.float32)
@@ -85,24 +87,33 @@ def _row_stats(x_ptr, a_ptr, b_ptr, K, eps1, eps2,
             m1 = tl.maximum(m1, tl.abs(x * tl.load(b_ptr + K + offs, mask=mask, other=0.0)))
         if NQ > 2:
             m2 = tl.maximum(m2, tl.abs(x * tl.load(b_ptr + 2 * K + offs, mask=mask, other=0.0)))
-    if HAS_PRE:
-        r1 = 1.0 / tl.sqrt(tl.sum(ss1) / K + eps1)
-        rowmult = r1 / tl.sqrt(r1 * r1 * tl.sum(ss2) / K + eps2)
-    else:
-        rowmult = 1.0 / tl.sqrt(tl.sum(ss1) / K + eps2)
-    amax0 = tl.maximum(tl.max(m0) * rowmult, 1e-5)
-    amax1 = tl.maximum(tl.max(m1) * rowmult, 1e-5)
-    amax2 = tl.maximum(tl.max(m2) * rowmult, 1e-5)
-    return rowmult, amax0, amax1, amax2
+    return tl.sum(ss1), tl.sum(ss2), tl.max(m0), tl.max(m1), tl.max(m2)
+
+
+@triton.jit
+def _next_sums(v, a, nb_ptr, rn, nmask, N, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
+    """Add this program's share of the next projection's row sums (see _row_sums) to st_ptr[0:5]:
+    v is the slice of the next input this program wrote, a the next pre-norm weight's slice."""
+    v = tl.where(nmask, v, 0.0)
+    tl.atomic_add(st_ptr, tl.sum(v * v))
+    if NEXT_PRE:
+        v = v * a
+        tl.atomic_add(st_ptr + 1, tl.sum(v * v))
+    tl.atomic_max(st_ptr + 2, tl.max(tl.abs(v * tl.load(nb_ptr + rn, mask=nmask, other=0.0))))
+    if NQN > 1:
+        tl.atomic_max(st_ptr + 3, tl.max(tl.abs(v * tl.load(nb_ptr + N + rn, mask=nmask, other=0.0))))
+    if NQN > 2:
+        tl.atomic_max(st_ptr + 4, tl.max(tl.abs(v * tl.load(nb_ptr + 2 * N + rn, mask=nmask, other=0.0))))
 
 
 @triton.jit
 def w2a8_gemv_kernel(
-    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2,
+    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB,
     N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_DP4A: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr,
+    STATS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -111,7 +122,22 @@ def w2a8_gemv_kernel(
     if A_ROWS:
         a_row = A + m * stride_a
     if EPILOGUE != EPI_INT:
-        rowmult, amax0, amax1, amax2 = _row_stats(x_row, a_row, B, K, eps1, eps2, NQ, HAS_PRE, 16 * BLOCK_KW)
+        if HAS_ST_IN:  # the producer of x summed them
+            ss1 = tl.load(ST_IN + m * 5)
+            ss2 = tl.load(ST_IN + m * 5 + 1)
+            s0 = tl.load(ST_IN + m * 5 + 2)
+            s1 = tl.load(ST_IN + m * 5 + 3)
+            s2 = tl.load(ST_IN + m * 5 + 4)
+        else:
+            ss1, ss2, s0, s1, s2 = _row_sums(x_row, a_row, B, K, NQ, HAS_PRE, STATS_BLOCK)
+        if HAS_PRE:
+            r1 = 1.0 / tl.sqrt(ss1 / K + eps1)
+            rowmult = r1 / tl.sqrt(r1 * r1 * ss2 / K + eps2)
+        else:
+            rowmult = 1.0 / tl.sqrt(ss1 / K + eps2)
+        amax0 = tl.maximum(s0 * rowmult, 1e-5)
+        amax1 = tl.maximum(s1 * rowmult, 1e-5)
+        amax2 = tl.maximum(s2 * rowmult, 1e-5)
         mult0 = rowmult * (127.0 / amax0)
         mult1 = rowmult * (127.0 / amax1)
         mult2 = rowmult * (127.0 / amax2)
@@ -183,8 +209,8 @@ def w2a8_gemv_kernel(
             if NT > 2:
                 tl.store(out_row + 2 * N + rn, y2, mask=nmask)
         elif EPILOGUE == EPI_RESIDUAL:
-            res = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(out_row + rn, res + y0, mask=nmask)
+            v = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32) + y0
+            tl.store(out_row + rn, v, mask=nmask)
         elif EPILOGUE == EPI_MLGRU:
             f = tl.sigmoid(y1)
             if HAS_LB:
@@ -195,6 +221,17 @@ def w2a8_gemv_kernel(
             tl.store(H + m * N + rn, h, mask=nmask)
             tl.store(out_row + rn, y2, mask=nmask)
             gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(OUT2 + m * N + rn, gw * h * tl.sigmoid(h), mask=nmask)
+            gate = gw * h * tl.sigmoid(h)
+            tl.store(OUT2 + m * N + rn, gate, mask=nmask)
+            v = y2
         else:  # EPI_GLU
-            tl.store(out_row + rn, y0 * tl.sigmoid(y0) * y1, mask=nmask)
+            v = y0 * tl.sigmoid(y0) * y1
+            tl.store(out_row + rn, v, mask=nmask)
+        if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
+            if NEXT_A == 1:
+                a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
+            elif NEXT_A == 2:
+                a_next = gate
+            else:
+                a_next = v
+            _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)

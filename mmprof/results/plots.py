@@ -12,13 +12,14 @@ import pandas as pd  # noqa: E402
 
 from mmprof.errors import UserError  # noqa: E402
 from mmprof.results.store import Run  # noqa: E402
-from mmprof.results.summaries import impl_label  # noqa: E402
+from mmprof.results.summaries import impl_label, job_rows  # noqa: E402
 
 PHASE_COLOURS = {"prefill": "tab:orange", "decode": "tab:green", "idle": "tab:gray"}
 
 
 def plot_train_memory(run: Run, out: Path) -> Path:
-    df = run.df[run.df["status"] == "ok"].copy()
+    jobs = job_rows(run.df)
+    df = jobs[jobs["status"] == "ok"].copy()
     if df.empty:
         raise UserError(f"run {run.path} has no ok rows to plot")
     df["impl"] = [impl_label(r) for _, r in df.iterrows()]
@@ -30,7 +31,7 @@ def plot_train_memory(run: Run, out: Path) -> Path:
             ax_mem.plot(g["batch"], g["act_mem_gib"], marker="x", linestyle="--", label=f"{impl} activations")
         if "step_time_s" in g and g["step_time_s"].notna().any():
             ax_time.plot(g["batch"], g["step_time_s"], marker="o", label=impl)
-    oom = run.df[run.df["status"] == "oom"]
+    oom = jobs[jobs["status"] == "oom"]
     for _, r in oom.iterrows():
         ax_mem.axvline(r["batch"], color="red", alpha=0.25)
         ax_mem.text(r["batch"], ax_mem.get_ylim()[1] * 0.95, f"OOM {impl_label(r)}", rotation=90, fontsize=7,

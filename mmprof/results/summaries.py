@@ -20,14 +20,22 @@ def _fmt(v, digits: int = 2) -> str:
 
 
 def impl_label(row) -> str:
-    """mmfree-fused, mmfree-vanilla or transformer: the implementation a row measured."""
+    """mmfree-fused, mmfree-vanilla or transformer (+ckpt with activation checkpointing): what a row measured."""
     impl = row.get("bitlinear")
-    return f"{row['arch']}-{impl}" if isinstance(impl, str) and impl else str(row["arch"])
+    label = f"{row['arch']}-{impl}" if isinstance(impl, str) and impl else str(row["arch"])
+    return label + ("+ckpt" if row.get("checkpointing") == "layer" else "")
+
+
+def job_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: a multi-process run's summary rows (rank 'all'), else every row."""
+    if "row_kind" in df and (df["row_kind"] == "summary").any():
+        return df[df["row_kind"] == "summary"]
+    return df
 
 
 def train_memory_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per batch: peak GiB of each implementation, fused vs vanilla and fused vs Transformer++."""
-    df = df.copy()
+    df = job_rows(df).copy()
     df["impl"] = [impl_label(r) for _, r in df.iterrows()]
     rows = []
     for batch, group in df.groupby("batch", sort=True):
@@ -52,7 +60,8 @@ def train_memory_summary(df: pd.DataFrame) -> pd.DataFrame:
 def decode_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per size: MatMul-free vs Transformer++ tokens/s, J/token and memory, as ratios."""
     rows = []
-    ok = df[df["status"] == "ok"]
+    ok = job_rows(df)
+    ok = ok[ok["status"] == "ok"]
     for size, group in ok.groupby("size", sort=False):
         m = group[group["arch"] == "mmfree"]
         t = group[group["arch"] == "transformer"]

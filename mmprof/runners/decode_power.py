@@ -20,10 +20,10 @@ from mmprof.profiler import (
     copy_bandwidth_gbps,
     synchronize,
 )
-from mmprof.runners.sweep import guarded, pending
-from mmprof.workloads import Decoder, build_model, weight_bytes
+from mmprof.runners.sweep import guarded, pending, release_memory
+from mmprof.workloads import PackedMMFreeLM, build_model, make_decoder, streamed_bytes, weight_bytes
 
-KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision"]
+KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,21 @@ class DecodeSpec:
     idle_s: float = 2.0
     sample_hz: float = 100.0
     seed: int = 0
+    graph: bool | None = None      # CUDA graph per decode step; None: on CUDA devices
 
     @property
     def precision(self) -> str:
         return "bf16" if self.device.startswith("cuda") else "fp32"
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.device.startswith("cuda") if self.graph is None else self.graph
 
 
 def weights_for(arch: str, weights: str) -> str:
     """The transformer always decodes bf16 weights; the MatMul-free model fake-quant or packed."""
     if arch == "transformer":
         return "bf16"
-    if weights == "packed":
-        raise UserError("--weights packed needs the packed ternary kernels, which mmprof does not have yet")
     if weights == "bf16":
         raise UserError("--weights bf16 applies to the transformer; the MatMul-free model is fake-quant or packed")
     return weights
@@ -67,7 +70,7 @@ class Config:
     def spec_row(self, spec: DecodeSpec) -> dict:
         return {"arch": self.arch, "size": self.size, "weights": self.weights, "batch": spec.batch,
                 "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "repeats": spec.repeats,
-                "device": spec.device, "precision": spec.precision}
+                "device": spec.device, "precision": spec.precision, "cuda_graph": int(spec.cuda_graph)}
 
     @property
     def label(self) -> str:
@@ -75,6 +78,8 @@ class Config:
 
 
 def configs(spec: DecodeSpec) -> list[Config]:
+    if spec.graph and not spec.device.startswith("cuda"):
+        raise UserError("--graph needs a CUDA device; on the CPU each decode step is launched eagerly")
     return [Config(a, s, weights_for(a, spec.weights)) for s in spec.sizes for a in spec.archs]
 
 
@@ -100,11 +105,10 @@ class _TokenClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _one_decode(model, prompt, spec: DecodeSpec, prof: Profiler | None, label: str):
+def _one_decode(dec, prompt, spec: DecodeSpec, prof: Profiler | None, label: str):
     """Prefill, then new_tokens - 1 greedy steps; returns (prefill_s, ttft_s, latencies, Measurement).
 
     The energy window covers the token-by-token steps only (the steady state), not the prefill."""
-    dec = Decoder(model, batch=spec.batch, max_len=spec.prompt_len + spec.new_tokens, device=spec.device)
     synchronize(spec.device)
     if prof is not None:
         prof.mark(f"prefill {label}")
@@ -131,17 +135,21 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     cuda = spec.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
+    if cfg.weights == "packed":
+        model = PackedMMFreeLM.from_model(model)   # the bf16 weights are freed before anything is measured
+        release_memory(spec.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
+    dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
     with torch.inference_mode():
-        _one_decode(model, prompt, spec, None, "warm-up")
+        _one_decode(dec, prompt, spec, None, "warm-up")     # also captures the CUDA graph
         prefills, ttfts, lat, ms = [], [], [], []
         n = 0
         with prof.window(f"all {cfg.label}") as whole:      # peak memory over prefills and decodes
             while n < spec.repeats or (sum(m.duration_s for m in ms) < spec.min_window_s
                                        and n < spec.max_repeats):
-                p, t, l, m = _one_decode(model, prompt, spec, prof, f"{cfg.label} #{n}")
+                p, t, l, m = _one_decode(dec, prompt, spec, prof, f"{cfg.label} #{n}")
                 prefills.append(p)
                 ttfts.append(t)
                 lat += l
@@ -150,14 +158,14 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     total = combine(ms)
     steps = n * (spec.new_tokens - 1)
     tokens = steps * spec.batch
-    wbytes = weight_bytes(model)
+    wbytes, step_bytes = weight_bytes(model), streamed_bytes(model, spec.batch)
     # percentiles 1..99 of the per-token latencies, interpolated between the measured values
     pct = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
     row = {
         "prefill_s": statistics.median(prefills), "ttft_s": statistics.median(ttfts),
         "latency_p50_ms": pct[49] * 1e3, "latency_p90_ms": pct[89] * 1e3,
         "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": tokens / total["duration_s"],
-        "n_tokens_measured": tokens, "weights_gib": wbytes / GIB,
+        "n_tokens_measured": tokens, "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
         "peak_reserved_gib": whole.measurement.peak_reserved_gib,
         **{k: v for k, v in total.items() if k != "duration_s"},
@@ -167,10 +175,10 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
         if row.get("energy_above_idle_j") is not None:
             row["j_per_token_above_idle"] = row["energy_above_idle_j"] / tokens
     if cuda:
-        row["bandwidth_gbps"] = wbytes * steps / total["duration_s"] / 1e9
+        row["bandwidth_gbps"] = step_bytes * steps / total["duration_s"] / 1e9
         if copy_gbps:
             row["bandwidth_frac"] = row["bandwidth_gbps"] / copy_gbps
-    del model
+    del model, dec
     return row
 
 

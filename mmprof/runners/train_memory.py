@@ -8,11 +8,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from mmprof.profiler import GIB, MemoryTracker, Profiler, fake_tensor_mode, time_fn
+from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, time_fn
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
+from mmprof.workloads.checkpointing import apply_checkpointing
 
-KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "device", "shard", "world_size", "rank"]
+KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "checkpointing", "device", "shard",
+               "world_size", "rank"]
 
 
 @dataclass(frozen=True)
@@ -32,25 +34,39 @@ class TrainMemorySpec:
     sample_hz: float = 100.0
     peak_tflops: float | None = None
     gpu_name: str | None = None
+    checkpointings: tuple[str, ...] = ("none",)   # none | layer (each block recomputed in backward)
+    shard: str = "none"           # none | fsdp (FSDP2 under torchrun, or its per-rank estimate on meta)
+    world_size: int = 1           # processes of the job (the estimate's N on meta)
 
 
 @dataclass(frozen=True)
 class Config:
     arch: str
     bitlinear: str   # "" for the transformer
-    batch: int
+    batch: int       # sequences per step (per rank under FSDP)
+    checkpointing: str = "none"
 
     def spec_row(self, spec: TrainMemorySpec) -> dict:
+        """Spec columns of this configuration's row; a sharded estimate stands for every rank (`all`)."""
+        sharded = spec.shard != "none"
         return {
             "arch": self.arch, "size": spec.size, "bitlinear": self.bitlinear, "batch": self.batch,
             "seq": spec.seq, "steps": spec.steps, "warmup": spec.warmup, "device": spec.device,
-            "precision": spec.precision, "shard": "none", "world_size": 1, "rank": 0,
-            "estimated": 1 if spec.device == "meta" else 0,
+            "precision": spec.precision, "checkpointing": self.checkpointing, "shard": spec.shard,
+            "world_size": spec.world_size, "rank": "all" if sharded else 0,
+            "local_gpu": None if sharded else cuda_index(spec.device),
+            "row_kind": "summary" if sharded else "rank", "estimated": 1 if spec.device == "meta" else 0,
         }
 
     @property
+    def impl(self) -> tuple[str, str, str]:
+        """What a sweep stops at its first out-of-memory batch."""
+        return self.arch, self.bitlinear, self.checkpointing
+
+    @property
     def label(self) -> str:
-        return f"{self.arch}{'-' + self.bitlinear if self.bitlinear else ''} b{self.batch}"
+        ckpt = " ckpt" if self.checkpointing != "none" else ""
+        return f"{self.arch}{'-' + self.bitlinear if self.bitlinear else ''}{ckpt} b{self.batch}"
 
 
 def configs(spec: TrainMemorySpec) -> list[Config]:
@@ -59,7 +75,8 @@ def configs(spec: TrainMemorySpec) -> list[Config]:
     for arch in spec.archs:
         impls = spec.bitlinears if arch == "mmfree" else ("",)
         for impl in impls:
-            out += [Config(arch, impl, b) for b in spec.batches]
+            for ckpt in spec.checkpointings:
+                out += [Config(arch, impl, b, ckpt) for b in spec.batches]
     return out
 
 
@@ -69,9 +86,16 @@ def _train_spec(cfg: Config, spec: TrainMemorySpec) -> TrainSpec:
 
 
 def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
-    """Peak memory of one training step on fake tensors: no GPU, no real memory, seconds."""
+    """Peak memory of one training step on fake tensors: no GPU, no real memory, seconds.
+
+    With `spec.shard == "fsdp"`, the peak of one rank of a `spec.world_size`-process FSDP2 job."""
+    if spec.shard == "fsdp":
+        from mmprof.runners.fsdp_estimate import estimate_sharded
+
+        return estimate_sharded(cfg, spec)
     with fake_tensor_mode():
         trainer = make_trainer(_train_spec(cfg, spec), "cpu")
+        apply_checkpointing(trainer.model, cfg.checkpointing)
         trainer.step()                      # the first step allocates the optimizer state
         with MemoryTracker(trainer.model, trainer.optimizer) as tracker:
             before = tracker.current_bytes()
@@ -103,6 +127,7 @@ def _tracker_row(tracker: MemoryTracker, before: int) -> dict:
 def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     """Warm up, then time and meter a window of steps; then one step under the live-tensor tracker."""
     trainer = make_trainer(_train_spec(cfg, spec), spec.device)
+    apply_checkpointing(trainer.model, cfg.checkpointing)
     cuda = spec.device.startswith("cuda")
     warm_s = time_fn(trainer.step, warmup=0, repeats=spec.warmup, device=spec.device).samples_s
     # 20% headroom: warm-up steps can run slower than the steady state the window will see
@@ -157,11 +182,11 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
             emit(row)
             rows.append(row)
         return rows
-    stopped: set[tuple[str, str]] = set()
+    stopped: set[tuple[str, str, str]] = set()
     with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
                   trace_path=trace_path) as prof:
         for cfg, row in todo:
-            if (cfg.arch, cfg.bitlinear) in stopped:
+            if cfg.impl in stopped:
                 continue
             row.update(guarded(lambda: measure(cfg, spec, prof), spec.device))
             if row["status"] == "ok" and spec.estimate:
@@ -170,7 +195,7 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
                     row["est_peak_alloc_gib"] = est["peak_alloc_gib"]
                     row["est_error_pct"] = (est["peak_alloc_gib"] / row["peak_alloc_gib"] - 1) * 100
             if row["status"] == "oom":
-                stopped.add((cfg.arch, cfg.bitlinear))
+                stopped.add(cfg.impl)
             emit(row)
             rows.append(row)
     return rows

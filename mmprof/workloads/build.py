@@ -78,7 +78,7 @@ def _fake_mode_active() -> bool:
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int = 0) -> None:
     """In-place, on-device initialisation: N(0, 0.02) matrices (residual outputs scaled down),
-    ones for norm weights, zeros for the lower bounds."""
+    ones for norm weights, zeros for the lower bounds. Sharded (DTensor) parameters: the local shard."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     layers = model.config.num_layers
@@ -87,9 +87,15 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
             std = INIT_STD
             if name.rsplit(".", 1)[-1] in _RESIDUAL_OUTPUTS:
                 std /= math.sqrt(2 * layers)
-            module.weight.normal_(0.0, std, generator=generator)
+            _local(module.weight).normal_(0.0, std, generator=generator)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):  # every RMSNorm: BitLinear norms, g_norm, *_layernorm, model.norm
-            param.fill_(1.0)
+            _local(param).fill_(1.0)
         elif name.endswith("lower_bounds"):
-            param.zero_()
+            _local(param).zero_()
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this process holds: its local shard when FSDP2 made it a DTensor, so each
+    rank initialises its own shard with its own generator and no DTensor random-number collective."""
+    return param.to_local() if hasattr(param, "to_local") else param

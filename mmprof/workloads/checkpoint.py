@@ -17,33 +17,42 @@ from safetensors.torch import save_file
 
 from mmprof.errors import UserError
 from mmprof.workloads.build import build_model
+from mmprof.workloads.packed import PackedMMFreeLM
 from mmprof.workloads.presets import ModelConfig, glu_intermediate_size
 
 WEIGHTS_FILE = "model.safetensors"
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older HF Llama checkpoints carry
 _LIST_LIMIT = 20
+# config.json's "quantization_config" of a packed MatMul-free checkpoint (layout: kernels/ternary_pack.py)
+PACKED_QUANTIZATION = {"quant_method": "mmprof-ternary-2bit", "weights_per_int32": 16, "scale": "per tensor, fp32"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def config_to_json_mmfree(cfg: ModelConfig, dtype: str) -> dict:
+    return {
+        "model_type": "hgrn_bit", "architectures": ["HGRNBitForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers, "intermediate_size": cfg.intermediate_size,
+        "num_heads": cfg.num_heads, "expand_ratio": 1, "attn_mode": "fused_recurrent",
+        "use_short_conv": False, "conv_size": 4, "share_conv_kernel": True,
+        "use_lower_bound": cfg.use_lower_bound, "hidden_ratio": 4, "hidden_act": "swish",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+        "use_cache": True, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "fuse_cross_entropy": True, "torch_dtype": dtype,
+    }  # fmt: skip
+
+
 def config_to_json(model: nn.Module) -> dict:
     cfg: ModelConfig = model.config
     dtype = _dtype_name(next(model.parameters()).dtype)
+    if getattr(model, "weights", None) == "packed":
+        return {**config_to_json_mmfree(cfg, dtype), "quantization_config": PACKED_QUANTIZATION}
     if model.arch == "mmfree":
-        return {
-            "model_type": "hgrn_bit", "architectures": ["HGRNBitForCausalLM"],
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_layers, "intermediate_size": cfg.intermediate_size,
-            "num_heads": cfg.num_heads, "expand_ratio": 1, "attn_mode": "fused_recurrent",
-            "use_short_conv": False, "conv_size": 4, "share_conv_kernel": True,
-            "use_lower_bound": cfg.use_lower_bound, "hidden_ratio": 4, "hidden_act": "swish",
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
-            "use_cache": True, "tie_word_embeddings": False, "initializer_range": 0.02,
-            "fuse_cross_entropy": True, "torch_dtype": dtype,
-        }  # fmt: skip
+        return config_to_json_mmfree(cfg, dtype)
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -185,7 +194,8 @@ def load_checkpoint(
     *,
     bitlinear: str = "fused",
 ) -> nn.Module:
-    """Load a checkpoint folder; arch from config.json; dtype None = the config's torch_dtype (else fp32)."""
+    """Load a checkpoint folder; arch from config.json; dtype None = the config's torch_dtype (else fp32).
+    A packed MatMul-free checkpoint (config "quantization_config") loads as a `PackedMMFreeLM`."""
     folder = Path(folder)
     data = _read_config(folder)
     arch, cfg = config_from_json(data, str(folder / "config.json"))
@@ -193,8 +203,14 @@ def load_checkpoint(
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"no *.safetensors files in {folder}")
+    quant = data.get("quantization_config")
+    if quant is not None and quant != PACKED_QUANTIZATION:
+        raise UserError(f"{folder / 'config.json'}: quantization_config {quant} is not mmprof's packed ternary format")
 
-    model = build_model(arch, cfg, bitlinear=bitlinear, device="meta", dtype=dtype)
+    if quant is not None:  # packed weights keep their stored dtypes; only the embedding takes `dtype`
+        model = PackedMMFreeLM(cfg, device="meta", embed_dtype=dtype)
+    else:
+        model = build_model(arch, cfg, bitlinear=bitlinear, device="meta", dtype=dtype)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -211,7 +227,8 @@ def load_checkpoint(
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             for name in handle.keys():
                 if name in expected:
-                    tensors[name] = handle.get_tensor(name).to(dtype)
+                    t = handle.get_tensor(name)
+                    tensors[name] = t.to(dtype) if quant is None or name == "embeddings.weight" else t
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)

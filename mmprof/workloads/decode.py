@@ -1,6 +1,12 @@
 """Decoding: prefill a prompt, then one token at a time with the MLGRU recurrent state (MatMul-free)
 or a preallocated KV cache (Transformer++).
 
+`Decoder` runs the model's own forward with its state. `GraphDecoder` drives a model's static
+decoder (`model.static_decoder(batch, max_len, device)`: `prefill(prompt) -> logits` resets and runs
+the prompt eagerly, `step(ids) -> logits` is capturable: fixed shapes, position on the device) and
+on CUDA replays one captured CUDA graph per token, so no per-token host work is left but a copy and
+a replay. `make_decoder` picks the graph decoder for models that have a static decoder.
+
 Weights are used as the model holds them: for the MatMul-free LM that is `fake-quant` (bf16 or fp32
 weights quantized to ternary on every call, as the reference implementation does).
 """
@@ -49,6 +55,90 @@ class Decoder:
     def step(self, next_ids: Tensor) -> Tensor:
         """Feed one token per sequence ([B] or [B, 1]); return its logits [B, vocab]."""
         return self._run(next_ids.reshape(self.batch, 1))
+
+
+class GraphDecoder:
+    """The `Decoder` API over a static decoder; on CUDA (`use_graph` None) or with `use_graph=True`
+    each step is one CUDA graph replay.
+
+    The graph is captured at the first prefill that leaves room for a step: the static decoder is
+    prefilled, stepped a few times on a side stream (warm-up: lazy initialisation, allocator), and
+    its step is captured (capture runs nothing) reading a static ids buffer. The warm-up steps
+    advanced the state, so the prompt is then prefilled again, which resets it. Later prefills reuse
+    the graph: the position lives on the device, so a replay continues from wherever prefill left it.
+    Logits are returned as a fresh tensor (a copy of the graph's output buffer).
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, static_decoder, use_graph: bool | None = None):
+        self.decoder, self.use_graph = static_decoder, use_graph
+        self.batch, self.max_len = static_decoder.batch, static_decoder.max_len
+        self.length = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._ids: Tensor | None = None
+        self._logits: Tensor | None = None
+
+    def _check(self, ids: Tensor, tokens: int, start: int) -> None:
+        if ids.shape[0] != self.batch:
+            raise UserError(f"decoder holds {self.batch} sequences, got a batch of {ids.shape[0]}")
+        if start + tokens > self.max_len:
+            raise UserError(f"decoding past max_len {self.max_len} (at {start} + {tokens})")
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Start over with the prompt [B, P]; return the logits of its last position [B, vocab]."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise UserError(f"a prompt is [batch, length >= 1] token ids, got shape {tuple(input_ids.shape)}")
+        self._check(input_ids, input_ids.shape[1], 0)
+        graph = self.use_graph if self.use_graph is not None else input_ids.device.type == "cuda"
+        if graph and input_ids.device.type != "cuda":
+            raise UserError(f"CUDA graphs need a CUDA device, the prompt is on {input_ids.device}")
+        if graph and self.graph is None and input_ids.shape[1] < self.max_len:
+            self.decoder.prefill(input_ids)
+            self._capture(input_ids.device, min(self.WARMUP_STEPS, self.max_len - input_ids.shape[1]))
+        logits = self.decoder.prefill(input_ids)
+        self.length = input_ids.shape[1]
+        return logits
+
+    def _capture(self, device: torch.device, warmup: int) -> None:
+        with torch.cuda.device(device):
+            self._ids = torch.zeros(self.batch, dtype=torch.long, device=device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self.decoder.step(self._ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._logits = self.decoder.step(self._ids)
+            self.graph = graph
+
+    @torch.inference_mode()
+    def step(self, next_ids: Tensor) -> Tensor:
+        """Feed one token per sequence ([B] or [B, 1]); return its logits [B, vocab]."""
+        if self.length == 0:
+            raise UserError("decoder: step before prefill")
+        ids = next_ids.reshape(-1)
+        self._check(ids, 1, self.length)
+        if self.graph is None:
+            logits = self.decoder.step(ids)
+        else:
+            self._ids.copy_(ids)
+            self.graph.replay()
+            logits = self._logits.clone()
+        self.length += 1
+        return logits
+
+
+def make_decoder(
+    model: nn.Module, batch: int, max_len: int, device: str | torch.device | None = None, graph: bool | None = None
+) -> Decoder | GraphDecoder:
+    """A `GraphDecoder` over `model.static_decoder(...)` when the model has one, else a `Decoder`."""
+    if hasattr(model, "static_decoder"):
+        return GraphDecoder(model.static_decoder(batch, max_len, device), graph)
+    return Decoder(model, batch, max_len, device)
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, generator=None) -> Tensor:

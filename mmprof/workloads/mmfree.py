@@ -147,8 +147,10 @@ class MMFreeLM(nn.Module):
         self.lm_head = BitLinear(cfg.hidden_size, cfg.vocab_size, bitlinear)
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, state: list[Tensor] | None = None
+        self, input_ids: Tensor, labels: Tensor | None = None, state: list[Tensor] | None = None,
+        last_only: bool = False,
     ) -> ModelOutput:
+        """`last_only`: without labels, compute the logits of the last position only (decoding)."""
         body = self.model
         x = body.embeddings(input_ids)
         bounds = layer_lower_bounds(body.lower_bounds) if self.config.use_lower_bound else None
@@ -156,6 +158,8 @@ class MMFreeLM(nn.Module):
         for n, layer in enumerate(body.layers):
             x, layer_state = layer(x, bounds[n] if bounds is not None else None, state[n] if state else None)
             new_state.append(layer_state)
+        if last_only and labels is None:
+            x = x[:, -1:]
         if self.lm_head.impl != "fused":
             logits = self.lm_head(body.norm(x))
             loss = lm_loss(logits, labels) if labels is not None else None
@@ -180,5 +184,31 @@ class MMFreeLM(nn.Module):
         device = device if device is not None else self.lm_head.weight.device
         return [torch.zeros(batch, self.config.hidden_size, device=device) for _ in self.model.layers]
 
+    def static_decoder(self, batch: int, max_len: int, device=None) -> "MMFreeStaticDecoder":
+        return MMFreeStaticDecoder(self, batch, max_len, device)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class MMFreeStaticDecoder:
+    """The static-decoder protocol of `workloads.decode` for the fake-quant model: the recurrent
+    states live in fixed buffers updated in place, so a decoding step can be captured in a CUDA graph."""
+
+    def __init__(self, model: MMFreeLM, batch: int, max_len: int, device=None):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.state = model.init_state(batch, max_len, device)
+
+    def _run(self, ids: Tensor) -> Tensor:
+        out = self.model(ids, state=self.state, last_only=True)
+        for buf, new in zip(self.state, out.state):
+            buf.copy_(new)
+        return out.logits[:, -1]
+
+    def prefill(self, prompt_ids: Tensor) -> Tensor:
+        for buf in self.state:
+            buf.zero_()
+        return self._run(prompt_ids)
+
+    def step(self, ids: Tensor) -> Tensor:
+        return self._run(ids.reshape(self.batch, 1))

@@ -1,5 +1,8 @@
 """Transformer++ (Llama-2 style): pre-norm RMSNorm, rotary embeddings, SDPA attention with a
-preallocated KV cache, SwiGLU MLP, untied lm_head. Parameter names as Hugging Face's Llama."""
+preallocated KV cache, SwiGLU MLP, untied lm_head. Parameter names as Hugging Face's Llama.
+
+`TransformerLM.static_decoder` gives the decoding baseline: a static KV cache, the position in a
+device tensor and one-token steps that a CUDA graph can capture (see `StaticDecoder`)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,18 @@ from mmprof.errors import UserError
 from mmprof.workloads.layers import ModelOutput, RMSNorm, apply_rotary, lm_loss, rotary_cos_sin
 from mmprof.workloads.presets import ModelConfig
 
+# SDPA takes keys/values with fewer heads than the queries (`enable_gqa`) from torch 2.5 on
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class KVCache:
-    """Keys and values of every layer, preallocated to max_len: k, v [layers, B, kv_heads, max_len, head_dim]."""
+    """Keys and values of every layer, preallocated to max_len: k, v [layers, B, kv_heads, max_len, head_dim]
+    (kv[0] and kv[1] of one buffer)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros((2, *shape), device=device, dtype=dtype)  # one buffer: one write for both
+        self.k, self.v = self.kv[0], self.kv[1]
         self.length = 0
         self.max_len = max_len
 
@@ -41,12 +48,19 @@ def _attention_mask(start: int, steps: int, device) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None = None) -> Tensor:
-    """SDPA. On meta tensors (memory estimates) the flash kernel's meta function is used when it
+    """SDPA; keys/values may have fewer heads than q (grouped-query attention, no copies from torch
+    2.5 on). On meta tensors (memory estimates) the flash kernel's meta function is used when it
     applies, so the saved tensors are those of a GPU run rather than of the math fallback, which
     would keep the whole [B, H, T, T] attention matrix."""
+    grouped = k.shape[1] != q.shape[1]
+    if grouped and not _SDPA_GQA:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        grouped = False
     if q.device.type == "meta" and mask is None:
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    gqa = {"enable_gqa": True} if grouped else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
 
 
 class Attention(nn.Module):
@@ -71,9 +85,6 @@ class Attention(nn.Module):
             start = cache.length
             k, v = cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         if steps == 1:
             o = _attend(q, k, v, causal=False)
         elif start == 0:
@@ -132,7 +143,8 @@ class TransformerLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, state: KVCache | None = None) -> ModelOutput:
+    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None) -> Tensor:
+        """The last block's output [B, T, d] (before the final norm); the cache advances by T."""
         start = state.length if state is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, torch.float32)
@@ -141,7 +153,10 @@ class TransformerLM(nn.Module):
             x = layer(x, cos, sin, state, n)
         if state is not None:
             state.length += input_ids.shape[1]
-        logits = self.lm_head(self.model.norm(x))
+        return x
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, state: KVCache | None = None) -> ModelOutput:
+        logits = self.lm_head(self.model.norm(self.hidden_states(input_ids, state)))
         loss = lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, state=state)
 
@@ -149,5 +164,102 @@ class TransformerLM(nn.Module):
         weight = self.model.embed_tokens.weight
         return KVCache(self.config, batch, max_len, device if device is not None else weight.device, weight.dtype)
 
+    def static_decoder(self, batch: int, max_len: int, device=None) -> "StaticDecoder":
+        """Graph-capturable decoding state for `batch` sequences of up to `max_len` tokens."""
+        return StaticDecoder(self, batch, max_len, device)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _norm(x: Tensor, norm: RMSNorm) -> Tensor:
+    """RMSNorm as one fused kernel where torch has one (the math of `layers.RMSNorm`)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor:
+    """One weight [sum of out, in] for the Linear layers `owner.<names>`, so that one matrix-vector
+    product computes all their outputs. Their parameters are re-pointed to row blocks of it (same
+    names, values and bytes; kept as `owner.fused_weight`, made again if the parameters moved)."""
+    weights = [getattr(owner, name).weight for name in names]
+    fused = getattr(owner, "fused_weight", None)
+    offsets = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+    if fused is None or any(w.data_ptr() != fused[o].data_ptr() or w.dtype != fused.dtype
+                            for w, o in zip(weights, offsets)):  # fmt: skip
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([w.detach() for w in weights])
+            for w, o in zip(weights, offsets):
+                w.data = fused[o : o + w.shape[0]]
+        owner.fused_weight = fused
+    return fused
+
+
+class StaticDecoder:
+    """Decoding state of a TransformerLM in fixed buffers, for `workloads.decode.GraphDecoder`.
+
+    `cache`: a KVCache [layers, B, kv_heads, max_len, head_dim] in the weights' dtype. `pos` [1]
+    (long, on the device): the position the next step writes. `prefill` runs the prompt through the
+    model's forward into the cache (eagerly); `step` appends one token per sequence with only
+    fixed-shape, sync-free device work, so one CUDA graph replays every step: rotary cos/sin rows
+    looked up at `pos` from tables made once, k and v written at `pos` by one `index_copy_`,
+    attention over the whole cache with an additive mask (0 where key <= pos, -inf after) made once
+    per step, `pos += 1` in place. A one-token query needs no causal mask, so SDPA's fused kernels
+    run it; grouped-query heads attend as G query rows of their shared kv head (no cache copies).
+    At 1-token decoding the weights' reads are the cost, so each layer's q/k/v and gate/up weights
+    are laid out as one matrix each (`_fused_weight`): one product instead of three and two.
+    """
+
+    def __init__(self, model: TransformerLM, batch: int, max_len: int, device=None):
+        weight = model.model.embed_tokens.weight
+        device = torch.device(device) if device is not None else weight.device
+        cfg, dtype = model.config, weight.dtype
+        self.model, self.batch, self.max_len, self.device = model, batch, max_len, device
+        self.cache = KVCache(cfg, batch, max_len, device, dtype)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        layers = model.model.layers
+        self.qkv = [_fused_weight(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in layers]
+        self.gate_up = [_fused_weight(layer.mlp, ("gate_proj", "up_proj")) for layer in layers]
+        cos, sin = rotary_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, torch.float32)
+        half = cfg.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin] (halves): one roll instead of neg + cat
+        self.cos = cos.to(dtype)
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)
+        # the mask's row is padded to 8 elements, the alignment SDPA's fused kernels want for a mask
+        self.keys = torch.arange(-(-max_len // 8) * 8, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Tensor) -> Tensor:
+        """Reset, run the prompt [B, P], leave `pos` at P; return the last position's logits [B, vocab]."""
+        batch, steps = prompt_ids.shape
+        if batch != self.batch or not 1 <= steps <= self.max_len:
+            raise UserError(f"static decoder holds {self.batch} x {self.max_len} tokens, got a prompt of {batch} x {steps}")
+        self.cache.length = 0
+        x = self.model.hidden_states(prompt_ids, self.cache)
+        self.pos.fill_(steps)
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor) -> Tensor:
+        """ids [B] at position `pos` -> logits [B, vocab]; `pos` advances. Never past max_len: not checked."""
+        cfg, cache, pos, batch = self.model.config, self.cache, self.pos, self.batch
+        heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
+        mask = torch.where(self.keys <= pos, self.zero, self.neg_inf)[None, None, None, :]
+        mask = mask[..., : self.max_len]
+        x = self.model.model.embed_tokens(ids.reshape(batch))  # [B, d]
+        for n, layer in enumerate(self.model.model.layers):
+            h = _norm(x, layer.input_layernorm)
+            qkv = F.linear(h, self.qkv[n]).view(batch, heads + 2 * kv_heads, hd)
+            qk = qkv[:, : heads + kv_heads]
+            torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin, out=qk)  # rotary, in place
+            kv = qkv[:, heads:].unflatten(1, (2, kv_heads)).transpose(0, 1).unsqueeze(3)  # [2, B, kv, 1, hd]
+            cache.kv[:, n].index_copy_(3, pos, kv)
+            q = qkv[:, :heads].unflatten(1, (kv_heads, heads // kv_heads))  # [B, kv, G, hd]
+            o = F.scaled_dot_product_attention(q, cache.k[n], cache.v[n], attn_mask=mask)
+            x.addmm_(o.reshape(batch, heads * hd), layer.self_attn.o_proj.weight.t())
+            gate, up = F.linear(_norm(x, layer.post_attention_layernorm), self.gate_up[n]).chunk(2, dim=-1)
+            x.addmm_(F.silu(gate).mul_(up), layer.mlp.down_proj.weight.t())
+        pos.add_(1)
+        return self.model.lm_head(_norm(x, self.model.model.norm))

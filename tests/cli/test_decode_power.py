@@ -1,3 +1,4 @@
+import csv
 import pandas as pd
 import pytest
 
@@ -51,7 +52,7 @@ def test_energy_per_token_from_scripted_power(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--weights", "packed"], "packed"),
+    (["--graph", "--device", "cpu"], "--graph needs a CUDA device"),
     (["--size", "70b"], "size"),
     (["--batch", "0"], "--batch"),
     (["--new-tokens", "1"], "--new-tokens"),
@@ -68,3 +69,17 @@ def test_plot_decode_power(tmp_path):
     assert gpu_free.exit_code == 0
     r = invoke("plot", str(out))
     assert r.exit_code == 2 and "no power samples" in r.output
+
+
+def test_decode_packed_weights(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("decode-power", "--size", "tiny", "--device", "cpu", "--weights", "packed", "--new-tokens", "4",
+               "--repeats", "1", "--min-window-s", "0", "--idle-s", "0", "--format", "csv", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "measurements.csv").open()))
+    by_arch = {row["arch"]: row for row in rows}
+    assert by_arch["mmfree"]["weights"] == "packed" and by_arch["transformer"]["weights"] == "bf16"
+    assert all(row["status"] == "ok" and row["cuda_graph"] == "0" for row in rows)
+    packed = by_arch["mmfree"]
+    # a step reads the packed weights but one embedding row, so less than all the weights held
+    assert 0 < float(packed["bytes_per_step_gib"]) < float(packed["weights_gib"])

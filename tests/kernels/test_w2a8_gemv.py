@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mmprof.kernels._triton_util import interpreting
 from mmprof.kernels.bitlinear import bitlinear, rms_norm
 from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
-from mmprof.kernels.w2a8_gemv import w2a8_gemv, w2a8_gemv_int, w2a8_gemv_int_ref, w2a8_gemv_ref
+from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_int_ref, w2a8_gemv_ref
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
 # (rows M, inputs K, outputs N): K not a multiple of 16 and N not of the block too
@@ -154,3 +154,38 @@ def test_gpu_integer_core_is_bit_exact(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_fused_kernel_matches_twin(case, dtype):
     check_fused((2, 2560, 2560), case, "cuda", dtype=dtype)
+
+
+def check_sums_chain(device, dtype=torch.float32):
+    """A launch summing the next launch's row statistics as it writes the row: the next launch
+    reading them gives what it gives computing them itself."""
+    torch.manual_seed(5)
+    m, d = 2, 48
+    _, p_ifg, s_ifg = packed_parts(3, d, d, device)
+    _, p_o, s_o = packed_parts(1, d, d, device)
+    x = torch.randn(m, d, device=device).to(dtype)
+    ifg_norm, o_norm = 1 + 0.3 * torch.randn(3, d, device=device), 1 + 0.3 * torch.randn(1, d, device=device)
+    kw = dict(parts=3, pre_weight=torch.rand(d, device=device) + 0.5, epilogue="mlgru",
+              lower_bound=torch.rand(d, device=device), gate_weight=torch.rand(d, device=device) + 0.5)  # fmt: skip
+    for backend in ("triton", "torch"):
+        buf = torch.zeros(m, 5, device=device)
+        state = torch.zeros(m, d, device=device)
+        g, gate = w2a8_gemv(x, ifg_norm, p_ifg, s_ifg, state=state, next_sums=(buf, o_norm, "gate"),
+                            backend=backend, **kw)  # fmt: skip
+        expected = row_sums_ref(g, o_norm, gate)
+        assert torch.allclose(buf, expected, rtol=1e-5, atol=1e-6)
+        res = torch.randn(m, d, device=device)
+        chained = w2a8_gemv(g, o_norm, p_o, s_o, pre_weight=gate, epilogue="residual", residual=res, sums=buf,
+                            backend=backend)  # fmt: skip
+        direct = w2a8_gemv(g, o_norm, p_o, s_o, pre_weight=gate, epilogue="residual", residual=res, backend=backend)
+        assert rel_rms_error(chained, direct) < 1e-4
+
+
+@needs_interpreter
+def test_row_sums_passed_between_launches():
+    check_sums_chain("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_row_sums_passed_between_launches():
+    check_sums_chain("cuda")

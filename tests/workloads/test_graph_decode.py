@@ -1,0 +1,179 @@
+"""Transformer++'s static decoder and `GraphDecoder`: on CPU (eager) the same logits as the model's
+full forward and the plain `Decoder`; on a GPU the CUDA-graph replay as the eager static steps."""
+
+import pytest
+import torch
+
+from mmprof.errors import UserError
+from mmprof.workloads import Decoder, build_model
+from mmprof.workloads.decode import GraphDecoder, make_decoder
+from tests.workloads.helpers import rel_rms
+
+
+def transformer(kv_heads=None, device="cpu", dtype=torch.float32, **shape):
+    cfg = build_model("transformer", "tiny", device="meta").config.replace(num_kv_heads=kv_heads, **shape)
+    return build_model("transformer", cfg, device=device, dtype=dtype, seed=3).eval()
+
+
+def teacher_forced(decoder, ids, prompt_len):
+    """Logits for positions prompt_len-1 .. T-1 from prefill + steps fed ids: [B, T-P+1, V]."""
+    logits = [decoder.prefill(ids[:, :prompt_len])]
+    logits += [decoder.step(ids[:, t]) for t in range(prompt_len, ids.shape[1])]
+    return torch.stack(logits, 1)
+
+
+class Plain(torch.nn.Module):
+    """A model with no static decoder (make_decoder falls back to Decoder)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, state=None):
+        return self.inner(input_ids, state=state)
+
+    def init_state(self, batch, max_len, device=None):
+        return self.inner.init_state(batch, max_len, device)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1], ids=["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize("batch", [1, 3], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("prompt_len", [1, 6, 13], ids=lambda p: f"p{p}")
+def test_static_decoding_equals_the_decoder_and_the_full_forward(kv_heads, batch, prompt_len, seed):
+    model = transformer(kv_heads)
+    ids = torch.randint(0, 256, (batch, 13))
+    with torch.inference_mode():
+        full = model(ids).logits[:, prompt_len - 1 :]
+    plain = teacher_forced(Decoder(model, batch, 13), ids, prompt_len)
+    for max_len in (13, 21):  # 21: the mask row is padded to 24
+        static = teacher_forced(make_decoder(model, batch, max_len), ids, prompt_len)
+        assert static.shape == full.shape
+        assert rel_rms(static, full) < 1e-5, f"seed={seed}"
+        assert rel_rms(static, plain) < 1e-5, f"seed={seed}"
+
+
+def test_prefill_fills_the_static_cache_and_puts_the_position_on_the_device(seed):
+    model = transformer(2)
+    ids = torch.randint(0, 256, (2, 7))
+    sd = model.static_decoder(2, 10)
+    logits = sd.prefill(ids)
+    plain = Decoder(model, 2, 10)
+    assert torch.allclose(logits, plain.prefill(ids), atol=1e-5), f"seed={seed}"
+    assert sd.cache.k.shape == plain.state.k.shape == (2, 2, 2, 10, 16)
+    assert torch.allclose(sd.cache.k[..., :7, :], plain.state.k[..., :7, :], atol=1e-6)
+    assert torch.allclose(sd.cache.v[..., :7, :], plain.state.v[..., :7, :], atol=1e-6)
+    assert sd.pos.tolist() == [7] and sd.pos.device == ids.device
+    sd.step(ids[:, 0])
+    assert sd.pos.tolist() == [8]
+
+
+def test_fused_weights_leave_the_parameters_as_they_were(seed):
+    model = transformer(2)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.inference_mode():
+        logits = model(ids).logits
+    model.static_decoder(2, 8)
+    attn = model.model.layers[1].self_attn
+    fused = attn.fused_weight
+    assert fused.shape == (64 + 2 * 32, 64) and attn.v_proj.weight.data_ptr() == fused[96].data_ptr()
+    model.static_decoder(1, 4)  # a second decoder reuses the layout
+    assert attn.fused_weight is fused
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, logits)
+    loss = model(ids, labels=ids).loss  # still trainable: gradients reach the re-pointed parameters
+    loss.backward()
+    assert attn.k_proj.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_a_second_prefill_starts_over_like_a_fresh_decoder(seed):
+    model = transformer()
+    first, second = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 9))
+    reused = make_decoder(model, 2, 12)
+    teacher_forced(reused, first, 3)  # leaves keys at every position the second prompt does not reach
+    again = teacher_forced(reused, second, 5)
+    fresh = teacher_forced(make_decoder(model, 2, 12), second, 5)
+    assert rel_rms(again, fresh) < 1e-6, f"seed={seed}"
+    assert reused.length == 9
+
+
+def test_decoding_past_max_len_or_with_a_wrong_batch_is_refused():
+    model = transformer()
+    decoder = make_decoder(model, 1, 5)
+    with pytest.raises(UserError, match="before prefill"):
+        decoder.step(torch.zeros(1, dtype=torch.long))
+    with pytest.raises(UserError, match="max_len"):
+        decoder.prefill(torch.zeros(1, 6, dtype=torch.long))
+    with pytest.raises(UserError, match="sequences"):
+        decoder.prefill(torch.zeros(2, 3, dtype=torch.long))
+    decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(UserError, match="sequences"):
+        decoder.step(torch.zeros(2, dtype=torch.long))
+    decoder.step(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(UserError, match="max_len"):
+        decoder.step(torch.zeros(1, dtype=torch.long))
+    assert decoder.length == decoder.max_len == 5
+    with pytest.raises(UserError, match="1 x 6"):
+        model.static_decoder(1, 5).prefill(torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_make_decoder_uses_the_static_decoder_when_the_model_has_one():
+    model = transformer()
+    graph = make_decoder(model, 2, 8)
+    assert isinstance(graph, GraphDecoder) and (graph.batch, graph.max_len) == (2, 8)
+    plain = make_decoder(Plain(model), 2, 8)
+    assert isinstance(plain, Decoder)
+    ids = torch.randint(0, 256, (2, 8))
+    assert rel_rms(teacher_forced(plain, ids, 3), teacher_forced(graph, ids, 3)) < 1e-5
+    with pytest.raises(UserError, match="CUDA"):
+        make_decoder(model, 2, 8, graph=True).prefill(ids[:, :3])
+
+
+def test_bf16_static_decoding_stays_close_to_the_decoder():
+    model = transformer(dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 10))
+    static = teacher_forced(make_decoder(model, 2, 10), ids, 4)
+    assert static.dtype == torch.bfloat16
+    assert rel_rms(static, teacher_forced(Decoder(model, 2, 10), ids, 4)) < 3e-2
+
+
+# A GPU-sized shape: head_dim 64 and bf16, as the real presets decode (the tiny preset's head_dim is 16).
+GPU_SHAPE = dict(vocab_size=512, hidden_size=256, num_heads=4, intermediate_size=768, num_layers=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa2"])
+@pytest.mark.parametrize("batch", [1, 4], ids=lambda b: f"b{b}")
+def test_cuda_graph_replays_the_eager_steps_and_survives_a_new_prompt(kv_heads, batch, seed):
+    model = transformer(kv_heads, device="cuda", dtype=torch.bfloat16, **GPU_SHAPE)
+    first, second = torch.randint(0, 512, (2, batch, 40), device="cuda")
+    graph = GraphDecoder(model.static_decoder(batch, 45), use_graph=None)
+    eager = GraphDecoder(model.static_decoder(batch, 45), use_graph=False)
+    got = teacher_forced(graph, first, 9)
+    assert graph.graph is not None
+    assert rel_rms(got, teacher_forced(eager, first, 9)) < 1e-2, f"seed={seed}"
+    assert rel_rms(got, teacher_forced(Decoder(model, batch, 45), first, 9)) < 5e-2, f"seed={seed}"
+    captured = graph.graph
+    got2 = teacher_forced(graph, second, 4)  # a new prompt: same graph, state reset by prefill
+    assert graph.graph is captured
+    assert rel_rms(got2, teacher_forced(eager, second, 4)) < 1e-2, f"seed={seed}"
+    assert rel_rms(teacher_forced(graph, first, 9), got) < 1e-3, f"seed={seed}"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_logits_are_fresh_tensors_and_a_full_prompt_captures_nothing():
+    model = transformer(device="cuda", dtype=torch.bfloat16, **GPU_SHAPE)
+    ids = torch.randint(0, 512, (2, 8), device="cuda")
+    decoder = make_decoder(model, 2, 8)
+    decoder.prefill(ids)
+    assert decoder.graph is None
+    with pytest.raises(UserError, match="max_len"):
+        decoder.step(ids[:, 0])
+    decoder.prefill(ids[:, :3])
+    assert decoder.graph is not None
+    a = decoder.step(ids[:, 3])
+    kept = a.clone()
+    b = decoder.step(ids[:, 4])
+    assert torch.equal(a, kept) and not torch.equal(a, b)

@@ -1,0 +1,118 @@
+"""The packed MatMul-free LM: the same function as the fake-quant model it was packed from,
+prefill and step agreeing, chunked prefill, checkpoints, and the decode step on a GPU."""
+
+import pytest
+import torch
+
+from mmprof.workloads import PackedMMFreeLM, build_model, load_checkpoint, save_checkpoint, streamed_bytes, weight_bytes
+from mmprof.workloads import packed as packed_mod
+from mmprof.workloads.decode import GraphDecoder
+from mmprof.workloads.presets import get_config
+
+
+def rel_rms_error(actual, expected):
+    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
+    return (diff / expected.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def fake_quant_model(device="cpu", dtype=torch.float32, layers=2):
+    cfg = get_config("tiny").replace(num_layers=layers)
+    model = build_model("mmfree", cfg, bitlinear="vanilla", device=device, dtype=dtype, seed=1).eval()
+    with torch.no_grad():  # norms and lower bounds away from their initial ones, so every path is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("lower_bounds"):
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p))
+    return model
+
+
+def reference_logits(model, ids):
+    """Logits of every position from the fake-quant model, token by token with its state."""
+    out, state = [], None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            o = model(ids[:, t : t + 1], state=state)
+            state = o.state
+            out.append(o.logits[:, -1].float())
+    return torch.stack(out, dim=1)
+
+
+def test_prefill_and_steps_match_the_fake_quant_model():
+    torch.manual_seed(0)
+    model = fake_quant_model()
+    packed = PackedMMFreeLM.from_model(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    expected = reference_logits(model, ids)
+    state = packed.init_state(3)
+    assert rel_rms_error(packed.prefill(ids[:, :5], state), expected[:, 4]) < 1e-3
+    for t in range(5, 9):
+        assert rel_rms_error(packed.step(ids[:, t], state), expected[:, t]) < 1e-3
+
+
+def test_chunked_prefill_is_the_same_as_one_pass(monkeypatch):
+    torch.manual_seed(1)
+    packed = PackedMMFreeLM.from_model(fake_quant_model())
+    ids = torch.randint(0, 256, (2, 11))
+    whole_state = packed.init_state(2)
+    whole = packed.prefill(ids, whole_state)
+    monkeypatch.setattr(packed_mod, "PREFILL_CHUNK", 4)
+    state = packed.init_state(2)
+    assert torch.allclose(packed.prefill(ids, state), whole, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(state, whole_state, rtol=1e-5, atol=1e-6)
+
+
+def test_sizes_and_bytes():
+    model = fake_quant_model(layers=3)
+    packed = PackedMMFreeLM.from_model(model)
+    assert packed.num_params() == model.num_params()
+    cfg = model.config
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    ternary = cfg.num_layers * (4 * d * d + 3 * d * inter) + cfg.vocab_size * d
+    assert weight_bytes(packed) > ternary // 4   # 2 bits per ternary weight, plus norms and the embedding
+    assert weight_bytes(packed) < ternary // 4 + cfg.vocab_size * d * 4 + 64 * cfg.num_layers * (d + inter)
+    # a step reads every packed weight but only one embedding row per sequence
+    assert streamed_bytes(packed, 2) == weight_bytes(packed) - (cfg.vocab_size - 2) * d * 4
+
+
+def test_packed_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(2)
+    packed = PackedMMFreeLM.from_model(fake_quant_model())
+    save_checkpoint(packed, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded, PackedMMFreeLM)
+    for (name, a), (_, b) in zip(packed.state_dict().items(), loaded.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    ids = torch.randint(0, 256, (1, 6))
+    assert torch.equal(packed.prefill(ids, packed.init_state(1)), loaded.prefill(ids, loaded.init_state(1)))
+
+
+def test_static_decoder_resets_on_prefill():
+    torch.manual_seed(3)
+    packed = PackedMMFreeLM.from_model(fake_quant_model())
+    dec = GraphDecoder(packed.static_decoder(1, 12), use_graph=False)
+    ids = torch.randint(0, 256, (1, 4))
+    first = [dec.prefill(ids)] + [dec.step(torch.tensor([t])) for t in (5, 6)]
+    again = [dec.prefill(ids)] + [dec.step(torch.tensor([t])) for t in (5, 6)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
+    torch.manual_seed(4)
+    cfg = get_config("370m").replace(num_layers=4)
+    model = build_model("mmfree", cfg, bitlinear="fused", device="cuda", dtype=torch.bfloat16, seed=1).eval()
+    packed = PackedMMFreeLM.from_model(model)
+    ids = torch.randint(0, cfg.vocab_size, (batch, 40), device="cuda")
+    expected = reference_logits(model, ids)
+    eager = GraphDecoder(packed.static_decoder(batch, 40), use_graph=False)
+    graphed = GraphDecoder(packed.static_decoder(batch, 40), use_graph=True)
+    for dec in (eager, graphed):
+        logits = [dec.prefill(ids[:, :32])] + [dec.step(ids[:, t]) for t in range(32, 40)]
+        got = torch.stack(logits, dim=1)
+        # bf16 fake-quant activations against the packed path's fp32 ones
+        assert rel_rms_error(got, expected[:, 31:]) < 3e-2
+    for t in range(2):
+        eager.prefill(ids[:, :32])
+        graphed.prefill(ids[:, :32])
+        assert rel_rms_error(graphed.step(ids[:, 32]), eager.step(ids[:, 32])) < 1e-4
