@@ -204,28 +204,28 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
     from mmprof.runners import train_memory as tm
-    from mmprof.runners.distributed import plan as shard_plan
+    from mmprof.runners.shard_plan import plan as shard_plan
     from mmprof.runners.sweep import parse_list, positive_int
     from mmprof.workloads import get_config
     from mmprof.workloads.checkpointing import CHECKPOINTING
 
     check_format(fmt)
     get_config(size)
-    job = shard_plan(shard, world_size, device, gpus)
+    how = shard_plan(shard, world_size, device, gpus)
     spec = tm.TrainMemorySpec(
         size=size,
         archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("fused", "vanilla"))),
         batches=tuple(parse_list(batch, "batch", positive_int)),
-        seq=seq, steps=steps, warmup=warmup, device=job.device, precision=precision,
+        seq=seq, steps=steps, warmup=warmup, device=how.device, precision=precision,
         estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
-        shard=job.shard, world_size=job.world_size,
+        shard=how.shard, world_size=how.world_size,
     )
-    if job.distributed:
+    if how.distributed:
         from mmprof.runners.train_memory_fsdp import Runner
 
-        return _sweep_job(job, Runner, spec, "train-memory", out, resume,
+        return _sweep_job(how, Runner, spec, "train-memory", out, resume,
                           (f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN))
     writer = _open_writer("train-memory", out, resume, spec.device)
     spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
@@ -272,7 +272,7 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
     from mmprof.runners import decode_power as dp
-    from mmprof.runners.distributed import plan as shard_plan
+    from mmprof.runners.shard_plan import plan as shard_plan
     from mmprof.runners.sweep import parse_list
     from mmprof.workloads import get_config
 
@@ -280,8 +280,8 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
     sizes = parse_list(size, "size", str)
     for s in sizes:
         get_config(s)
-    job = shard_plan(shard, None, device, gpus, sharded="replicate", estimate_ok=False)
-    resolved = job.device
+    how = shard_plan(shard, None, device, gpus, sharded="replicate", estimate_ok=False)
+    resolved = how.device
     if resolved == "meta":
         resolved = "cpu"            # decoding is measured, never estimated: no GPU means the CPU
     spec = dp.DecodeSpec(
@@ -290,10 +290,10 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
         device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph,
     )
     dp.configs(spec)                 # refuses unsupported weights or options before anything is written
-    if job.distributed:
+    if how.distributed:
         from mmprof.runners.decode_replicate import Runner
 
-        return _sweep_job(job, Runner, spec, "decode-power", out, resume,
+        return _sweep_job(how, Runner, spec, "decode-power", out, resume,
                           ("decode-power", fmt, decode_summary, PAPER_DECODE))
     writer = _open_writer("decode-power", out, resume, spec.device)
     _sweep(writer, dp, spec, "decode-power", fmt, decode_summary, PAPER_DECODE)

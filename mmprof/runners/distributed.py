@@ -5,16 +5,19 @@ Every rank runs the same sweep; what the ranks must agree on travels through the
 
 - `phase(fn)` runs one step of a configuration (build, warm-up, timed steps) on every rank. An
   exception is caught on the rank that raised it and announced at once under the phase's `fail` key.
-  A CUDA GPU is then waited for by polling an event, never by a blocking synchronize: a rank whose
-  GPU waits in a collective that a failed peer will never join sees the `fail` key and stops
-  waiting after `GRACE_S`. All ranks then exchange {status, note, drained} and take one decision.
-- A failed phase whose GPUs all drained leaves the communicators in step: the configuration
-  becomes an `oom` (or `error`) row and the sweep continues. If some GPU did not drain (or a gloo
-  collective timed out), a collective was left half-done: the job writes the row and ends
-  (`poisoned`); every process exits 0 through `os._exit`, which also ends the stuck GPU work.
-- The process group timeout (MMPROF_DIST_TIMEOUT_S, default 300 s) is the last resort: a host
-  blocked inside a collective (gloo on CPU) raises after it, and NCCL's watchdog ends a process
-  whose collective never completes, so no rank hangs for ever.
+  Inside a phase the host never blocks on the GPU: training queues at most one step ahead, waits
+  by polling CUDA events (`wait_event`) and stops queueing (`PeerFailed`) as soon as another rank
+  has failed, so it does not walk into collectives that rank will not join.
+- At the end of a phase every rank waits for its GPU by polling an event; once a failure has been
+  announced it waits at most GRACE_S. Then all ranks exchange {status, note, drained} and take one
+  decision: a failed phase whose GPUs all drained leaves the communicators in step, so the
+  configuration becomes an `oom` (or `error`) row and the sweep goes on. If some GPU did not drain,
+  or a collective raised (a gloo timeout), a collective was left half-done: the job writes the row
+  and ends (`poisoned`); every process exits 0 through `os._exit`, which also ends the GPU work.
+- The process group timeout (MMPROF_DIST_TIMEOUT_S, default 300 s) is the last resort for a host
+  blocked inside a collective: gloo raises after it (which the phase turns into a row), and NCCL's
+  watchdog ends a process whose collective never completes (torchrun then stops the job), so no
+  rank hangs for ever.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+class PeerFailed(RuntimeError):
+    """Another rank failed in this phase: this one stops queueing work for a job that cannot finish it."""
+
+
 @dataclass
 class Outcome:
     """What every rank agreed about one phase."""
@@ -84,6 +91,7 @@ class Job:
     mesh: Any = None
     poisoned: bool = False
     _seq: int = field(default=0)
+    _phase_key: str | None = None
 
     @property
     def backend(self) -> str:
@@ -164,29 +172,49 @@ class Job:
 
     # ----- phases -----
     def phase(self, fn: Callable[[], Any], what: str = "phase") -> Outcome:
-        key = self._key(what)
+        key = self._phase_key = self._key(what)
         status, note, value = "ok", "", None
         try:
             value = fn()
-            drained = self._wait_gpu(key)
+            drained = self._drain(key)
             if not drained:
-                status, note = "peer", "its GPU was still waiting when the grace period ended"
+                status, note = "peer", "its GPU still waited for a failed rank when the grace period ended"
         except Exception as exc:  # noqa: BLE001 - every failure is agreed on, then becomes a row
-            peer_failed = self._failed_elsewhere(key)
-            status = "oom" if is_oom(exc) else ("peer" if peer_failed else "error")
-            note = one_line(exc)
+            stopped = isinstance(exc, PeerFailed)
+            if is_oom(exc):
+                status, note = "oom", one_line(exc)
+            elif stopped:
+                status, note = "peer", "stopped when another rank failed"
+            elif self._failed(key):
+                status, note = "peer", f"left waiting in a collective for a failed rank ({one_line(exc)})"
+            else:
+                status, note = "error", one_line(exc)
             if status != "peer":
                 self.store.set(f"{key}/fail", str(self.rank))
-            drained = status != "peer" and self._wait_gpu(key)
+            # an exception out of a collective (a timeout) leaves it half-done; a rank that stopped
+            # itself between steps, or failed on its own, is in step once its GPU drains
+            drained = (stopped or status != "peer") and self._drain(key)
+        self._phase_key = None
         reports = self.exchange({"status": status, "note": note, "drained": drained}, f"{what}-report")
         return decide(reports, value)
 
-    def _failed_elsewhere(self, key: str) -> bool:
+    def check_peers(self) -> None:
+        """Inside a phase: raise PeerFailed once another rank has failed (stop queueing work for it)."""
+        if self._phase_key is not None and self._failed(self._phase_key):
+            raise PeerFailed(f"another rank failed in {self._phase_key}")
+
+    def wait_event(self, event) -> None:
+        """Inside a phase: wait for a CUDA event without blocking the host; PeerFailed if a rank fails."""
+        while not event.query():
+            self.check_peers()
+            time.sleep(POLL_S)
+
+    def _failed(self, key: str) -> bool:
         return self.store.check([f"{key}/fail"])
 
-    def _wait_gpu(self, key: str) -> bool:
+    def _drain(self, key: str) -> bool:
         """Wait for this rank's queued GPU work without blocking the host: True once it finished,
-        False when a peer failed and the GPU still had not finished GRACE_S later."""
+        False when some rank failed and the GPU still had not finished GRACE_S later."""
         if not self.device.startswith("cuda"):
             return True
         event = torch.cuda.Event()
@@ -195,7 +223,7 @@ class Job:
         start = time.monotonic()
         while not event.query():
             now = time.monotonic()
-            if failed_at is None and self._failed_elsewhere(key):
+            if failed_at is None and self._failed(key):
                 failed_at = now
             if (failed_at is not None and now - failed_at > GRACE_S) or now - start > self.timeout_s:
                 return False
@@ -227,8 +255,7 @@ def decide(reports: list[dict], value: Any = None) -> Outcome:
     if all(s == "ok" for s in statuses):
         return Outcome("ok", poisoned=poisoned, value=value)
     status = "oom" if "oom" in statuses else "error"
-    note = "; ".join(f"rank {k}: " + (f"left waiting for a failed rank ({r['note']})" if r["status"] == "peer"
-                                      else r["note"]) for k, r in enumerate(reports) if r["status"] != "ok")
+    note = "; ".join(f"rank {k}: {r['note']}" for k, r in enumerate(reports) if r["status"] != "ok")
     return Outcome(status, note, poisoned, value)
 
 
@@ -257,53 +284,3 @@ def start(device_type: str) -> Job:
     mesh = init_device_mesh(device_type, (world,))
     return Job(rank=rank, world_size=world, local_rank=local, device=device, store=store, timeout_s=limit, mesh=mesh)
 
-
-@dataclass(frozen=True)
-class Plan:
-    """How a command runs: `distributed` (under torchrun, one process per device) or one process."""
-
-    shard: str
-    world_size: int
-    distributed: bool
-    device: str          # the resolved device of one process; 'cuda' or 'cpu' (the kind) when distributed
-
-
-def plan(shard: str, world_size: int | None, device: str, gpus: str | None, *, sharded: str = "fsdp",
-         estimate_ok: bool = True) -> Plan:
-    """Check --shard/--world-size/--device/--gpus against the torchrun environment (UserError if they clash).
-
-    `sharded` is the command's multi-process mode (fsdp for training, replicate for decoding);
-    `estimate_ok`: whether `--device meta --world-size N` (an estimate in one process) exists."""
-    from mmprof.runners.sweep import resolve_device
-
-    env = torchrun_env()
-    if shard == "none":
-        if world_size not in (None, 1):
-            raise UserError(f"--world-size applies to --shard {sharded}")
-        if env is not None and env[1] > 1:
-            raise UserError(f"torchrun started {env[1]} processes: add --shard {sharded}")
-        return Plan("none", 1, False, resolve_device(device, gpus))
-    if device == "meta":
-        if not estimate_ok:
-            raise UserError(f"--shard {sharded} does not run on meta")
-        if env is not None:
-            raise UserError("the sharded estimate (--device meta) runs in one process: start it without torchrun")
-        if world_size is None:
-            raise UserError(f"--shard {sharded} --device meta needs --world-size N (the processes to estimate for)")
-        return Plan(shard, world_size, False, "meta")
-    if env is None:
-        hint = " (or --device meta --world-size N to estimate without GPUs)" if estimate_ok else ""
-        raise UserError(f"--shard {sharded} runs under torchrun: torchrun --nproc-per-node N -m mmprof ...{hint}")
-    if world_size is not None and world_size != env[1]:
-        raise UserError(f"--world-size {world_size} does not match torchrun's {env[1]} processes")
-    if gpus is not None:
-        raise UserError("--gpus does not apply under torchrun: rank r uses cuda:LOCAL_RANK "
-                        "(choose GPUs with CUDA_VISIBLE_DEVICES)")
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if device == "auto":
-        device = "cuda" if cuda else "cpu"
-    if device == "cuda" and not cuda:
-        raise UserError("--device cuda: no CUDA device is visible")
-    if device not in ("cuda", "cpu"):
-        raise UserError(f"--device: unknown device {device!r}; choose auto, cuda, cpu or meta")
-    return Plan(shard, env[1], True, device)

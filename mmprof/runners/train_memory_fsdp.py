@@ -82,8 +82,10 @@ class ShardedTrainer:
         return {"params": params, "optim": optim}
 
 
-def _run_steps(trainer: ShardedTrainer, n: int) -> list:
-    """n steps with a mark after each (CUDA events, or the host clock): nothing waits for the GPU."""
+def _run_steps(trainer: ShardedTrainer, n: int, job: Job) -> list:
+    """n steps with a mark after each (CUDA events, or the host clock). The host never blocks on the
+    GPU: it queues at most one step ahead, waiting by polling, and stops queueing (PeerFailed) as soon
+    as another rank has failed, so it never runs into a collective that rank will not join."""
     cuda = trainer.device.type == "cuda"
 
     def mark():
@@ -94,9 +96,13 @@ def _run_steps(trainer: ShardedTrainer, n: int) -> list:
         return ev
 
     marks = [mark()]
-    for _ in range(n):
+    for k in range(n):
         trainer.step()
         marks.append(mark())
+        if k + 1 < n and cuda:
+            job.wait_event(marks[-2])
+        elif k + 1 < n:
+            job.check_peers()
     return marks
 
 
@@ -153,7 +159,7 @@ class Runner:
         if not built.ok:
             return failed(built, "build")
         trainer, built = built.value, None
-        warm = job.phase(lambda: _run_steps(trainer, spec.warmup), "warmup")
+        warm = job.phase(lambda: _run_steps(trainer, spec.warmup, job), "warmup")
         if not warm.ok:
             trainer = None                               # freed before the next configuration
             return self._after(failed(warm, "warm-up"), warm)
@@ -163,7 +169,7 @@ class Runner:
         before = torch.cuda.memory_allocated(job.device) if cuda else None
         job.barrier()
         prof.begin(cfg.label)
-        timed = job.phase(lambda: _run_steps(trainer, steps), "timed")
+        timed = job.phase(lambda: _run_steps(trainer, steps, job), "timed")
         if not timed.ok:
             if not timed.poisoned:
                 prof.end(cfg.label)

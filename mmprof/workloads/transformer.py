@@ -178,20 +178,25 @@ def _norm(x: Tensor, norm: RMSNorm) -> Tensor:
 
 
 def _fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor:
-    """One weight [sum of out, in] for the Linear layers `owner.<names>`, so that one matrix-vector
-    product computes all their outputs. Their parameters are re-pointed to row blocks of it (same
-    names, values and bytes; kept as `owner.fused_weight`, made again if the parameters moved)."""
+    """One weight [sum of out, in] over the Linear layers `owner.<names>`, so that one product gives
+    all their outputs. The first call moves their parameters into row blocks of one new buffer (the
+    `.data` is re-pointed: names, values and bytes stay); later calls find them there already."""
     weights = [getattr(owner, name).weight for name in names]
-    fused = getattr(owner, "fused_weight", None)
-    offsets = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
-    if fused is None or any(w.data_ptr() != fused[o].data_ptr() or w.dtype != fused.dtype
-                            for w, o in zip(weights, offsets)):  # fmt: skip
+    first, cols = weights[0], weights[0].shape[1]
+    starts = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+
+    def laid_out() -> bool:
+        return all(w.is_contiguous() and w.dtype == first.dtype
+                   and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and w.data_ptr() == first.data_ptr() + start * cols * w.element_size()
+                   for w, start in zip(weights, starts))  # fmt: skip
+
+    if not laid_out():
         with torch.inference_mode(False), torch.no_grad():
             fused = torch.cat([w.detach() for w in weights])
-            for w, o in zip(weights, offsets):
-                w.data = fused[o : o + w.shape[0]]
-        owner.fused_weight = fused
-    return fused
+            for w, start in zip(weights, starts):
+                w.data = fused[start : start + w.shape[0]]
+    return first.detach().as_strided((sum(w.shape[0] for w in weights), cols), (cols, 1))
 
 
 class StaticDecoder:
@@ -204,7 +209,8 @@ class StaticDecoder:
     looked up at `pos` from tables made once, k and v written at `pos` by one `index_copy_`,
     attention over the whole cache with an additive mask (0 where key <= pos, -inf after) made once
     per step, `pos += 1` in place. A one-token query needs no causal mask, so SDPA's fused kernels
-    run it; grouped-query heads attend as G query rows of their shared kv head (no cache copies).
+    run it (on an H200 SDPA picks cuDNN's, faster there than the memory-efficient one or the math
+    path); grouped-query heads attend as G query rows of their shared kv head (no cache copies).
     At 1-token decoding the weights' reads are the cost, so each layer's q/k/v and gate/up weights
     are laid out as one matrix each (`_fused_weight`): one product instead of three and two.
     """
@@ -234,7 +240,9 @@ class StaticDecoder:
         """Reset, run the prompt [B, P], leave `pos` at P; return the last position's logits [B, vocab]."""
         batch, steps = prompt_ids.shape
         if batch != self.batch or not 1 <= steps <= self.max_len:
-            raise UserError(f"static decoder holds {self.batch} x {self.max_len} tokens, got a prompt of {batch} x {steps}")
+            raise UserError(
+                f"static decoder holds {self.batch} x {self.max_len} tokens, got a prompt of {batch} x {steps}"
+            )
         self.cache.length = 0
         x = self.model.hidden_states(prompt_ids, self.cache)
         self.pos.fill_(steps)

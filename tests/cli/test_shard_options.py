@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmprof.runners.distributed import plan
+from mmprof.runners.shard_plan import plan
 from tests.cli.helpers import assert_rejected_before_writing
 
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}

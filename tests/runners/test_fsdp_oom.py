@@ -38,6 +38,6 @@ def test_oom_mid_step_ends_the_job_cleanly(tmp_path):
         ("mmfree", 1, "0", "ok"), ("mmfree", 1, "1", "ok"), ("mmfree", 1, "all", "ok"),
         ("mmfree", 2, "all", "oom")]                                            # then the job ended
     note = df.iloc[-1]["note"]
-    assert "rank 1: OutOfMemoryError" in note and "rank 0: left waiting for a failed rank" in note
+    assert "rank 1: OutOfMemoryError" in note and "rank 0: left waiting in a collective for a failed rank" in note
     assert "job ended here" in note
     assert took < 60                                                            # the 8 s collective timeout, not a hang

@@ -73,12 +73,12 @@ def test_fused_weights_leave_the_parameters_as_they_were(seed):
     ids = torch.randint(0, 256, (2, 6))
     with torch.inference_mode():
         logits = model(ids).logits
-    model.static_decoder(2, 8)
+    sd = model.static_decoder(2, 8)
     attn = model.model.layers[1].self_attn
-    fused = attn.fused_weight
-    assert fused.shape == (64 + 2 * 32, 64) and attn.v_proj.weight.data_ptr() == fused[96].data_ptr()
-    model.static_decoder(1, 4)  # a second decoder reuses the layout
-    assert attn.fused_weight is fused
+    assert sd.qkv[1].shape == (64 + 2 * 32, 64) and sd.gate_up[1].shape == (2 * 256, 64)
+    assert attn.q_proj.weight.data_ptr() == sd.qkv[1].data_ptr()
+    assert attn.v_proj.weight.data_ptr() == sd.qkv[1][96].data_ptr()
+    assert model.static_decoder(1, 4).qkv[1].data_ptr() == sd.qkv[1].data_ptr()  # laid out once
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     with torch.inference_mode():
