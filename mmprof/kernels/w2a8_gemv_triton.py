@@ -61,6 +61,12 @@ def _quantize(xa, b_ptr, offs, mask, mult):
 
 
 @triton.jit
+def _pack4(q, shifts):
+    """[BLOCK_KW, 4] int8 levels -> [BLOCK_KW] int32 words, byte b holding column b."""
+    return tl.sum((q & 0xFF) << shifts[None, :], axis=1)
+
+
+@triton.jit
 def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum x^2, sum (x*a)^2 and max |x*a*b_p| (p < 3) of one input row (the statistics pass)."""
     ss1 = tl.zeros([BLOCK_K], tl.float32)
@@ -139,12 +145,14 @@ def w2a8_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     jw = tl.arange(0, BLOCK_KW)
+    bb = tl.arange(0, 4)
+    shifts = 8 * bb
     acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
-    qs0 = tl.zeros([1, BLOCK_KW], tl.int32)
-    qs1 = tl.zeros([1, BLOCK_KW], tl.int32)
-    qs2 = tl.zeros([1, BLOCK_KW], tl.int32)
+    qs0 = tl.zeros([BLOCK_KW], tl.int32)
+    qs1 = tl.zeros([BLOCK_KW], tl.int32)
+    qs2 = tl.zeros([BLOCK_KW], tl.int32)
     for kw0 in range(0, KW, BLOCK_KW):
         wcol = kw0 + jw
         wmask = nmask[:, None] & (wcol < KW)[None, :]
@@ -154,41 +162,32 @@ def w2a8_gemv_kernel(
             w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
         if NT > 2:
             w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
-        base = (kw0 + jw)[None, :] * 16  # [1, BLOCK_KW]: inputs in the weight tile's layout, no shuffles
         for s in tl.static_range(4):
-            xw0 = tl.zeros([1, BLOCK_KW], tl.int32)
-            xw1 = tl.zeros([1, BLOCK_KW], tl.int32)
-            xw2 = tl.zeros([1, BLOCK_KW], tl.int32)
-            for b in tl.static_range(4):  # byte b of the word: input 16j + 4s + b
-                offs = base + (4 * s + b)
-                kmask = offs < K
-                if EPILOGUE == EPI_INT:
-                    q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
-                else:
-                    xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                    if HAS_PRE:
-                        xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                    q0 = _quantize(xa, B, offs, kmask, mult0)
-                qs0 += q0
-                xw0 = xw0 | ((q0 & 0xFF) << (8 * b))
-                if NQ > 1:
-                    q1 = _quantize(xa, B + K, offs, kmask, mult1)
-                    qs1 += q1
-                    xw1 = xw1 | ((q1 & 0xFF) << (8 * b))
-                if NQ > 2:
-                    q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2)
-                    qs2 += q2
-                    xw2 = xw2 | ((q2 & 0xFF) << (8 * b))
-            x0 = tl.broadcast_to(xw0, (BLOCK_N, BLOCK_KW))
+            offs = kw0 * 16 + jw[:, None] * 16 + 4 * s + bb[None, :]
+            kmask = offs < K
+            if EPILOGUE == EPI_INT:
+                q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+            else:
+                xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+                if HAS_PRE:
+                    xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+                q0 = _quantize(xa, B, offs, kmask, mult0)
+            qs0 += tl.sum(q0, axis=1)
+            x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
             acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_DP4A)
             if NT > 1:
-                if NQ > 1:
-                    x1 = tl.broadcast_to(xw1, (BLOCK_N, BLOCK_KW))
-                else:
+                if SHARED_QUANT:
                     x1 = x0
+                else:
+                    q1 = _quantize(xa, B + K, offs, kmask, mult1)
+                    qs1 += tl.sum(q1, axis=1)
+                    x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
                 acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_DP4A)
             if NT > 2:
-                acc2 = _dot4(tl.broadcast_to(xw2, (BLOCK_N, BLOCK_KW)), (w2 >> (2 * s)) & 0x03030303, acc2, USE_DP4A)
+                q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2)
+                qs2 += tl.sum(q2, axis=1)
+                x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+                acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_DP4A)
 
     out_row = OUT + m * stride_out
     i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
