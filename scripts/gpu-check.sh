@@ -3,51 +3,52 @@
 #   scripts/gpu-check.sh [STAGE...]   stages: tests profiler kernels train w2a8 decode (default: all)
 #                                     and multi (torchrun on several GPUs; MULTI_GPUS, MULTI_SIZES, MULTI_BATCH,
 #                                     MULTI_DECODE_SIZES ('' skips decoding); not in the default)
-# Writes logs and run folders under $OUT (default ./gpu-out), packed as $OUT/<stage>.tgz so that
-# each run folder (measurements.csv, meta.json, power_trace.csv, phases.csv, plot.png) comes back.
+# Writes run folders and logs under $OUT/runs (default ./gpu-out/runs) and packs them into
+# $OUT/runs.tgz, the one file that comes back (the device tool returns at most 8 files from $OUT).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests profiler kernels train w2a8 decode)
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 RUNS="$OUT/runs"
-mkdir -p "$RUNS"
+LOGS="$RUNS/logs"
+mkdir -p "$LOGS"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 || { cat "$LOGS/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm --format=csv | tee "$LOGS/gpu.txt"
 status=0
 for stage in "${STAGES[@]}"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
     tests)
-      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25 || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
-      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$OUT/profiler-check.log" || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
     kernels)
-      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$OUT/bench-kernels.log" || status=1 ;;
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$LOGS/bench-kernels.log" || status=1 ;;
     train)
       timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof train-memory --size "${TRAIN_SIZE:-1.3b}" --seq 2048 --batch "${TRAIN_BATCH:-1,2,4,8,16,32}" \
-        --estimate --out "$RUNS/train-memory" 2>&1 | tee "$OUT/train-memory.log" || status=1
+        --estimate --out "$RUNS/train-memory" 2>&1 | tee "$LOGS/train-memory.log" || status=1
       python3 -m mmprof plot "$RUNS/train-memory" --out "$RUNS/train-memory/plot.png" || status=1 ;;
     w2a8)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_w2a8.py --sizes "${DECODE_SIZES:-1.3b,2.7b,13b}" \
-        --out "$RUNS/bench-w2a8.csv" 2>&1 | tee "$OUT/bench-w2a8.log" || status=1 ;;
+        --out "$RUNS/bench-w2a8.csv" 2>&1 | tee "$LOGS/bench-w2a8.log" || status=1 ;;
     decode)
       # both models decoded carefully (CUDA graphs; packed ternary weights, bf16 Transformer++)
       timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size "${DECODE_SIZES:-1.3b,2.7b,13b}" \
         --weights packed --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power-packed" 2>&1 \
-        | tee "$OUT/decode-power-packed.log" || status=1
+        | tee "$LOGS/decode-power-packed.log" || status=1
       # the reference's way at 1.3b: fake-quant bf16 weights, eager and graphed, beside eager Transformer++
       timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 1.3b --weights fake-quant --no-graph \
         --new-tokens "${EAGER_TOKENS:-64}" --out "$RUNS/decode-power-eager" 2>&1 \
-        | tee "$OUT/decode-power-eager.log" || status=1
+        | tee "$LOGS/decode-power-eager.log" || status=1
       timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 1.3b --arch mmfree --weights fake-quant \
         --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power-fake-quant-graph" 2>&1 \
-        | tee "$OUT/decode-power-fake-quant-graph.log" || status=1
+        | tee "$LOGS/decode-power-fake-quant-graph.log" || status=1
       # 13b packed with a 2048-token context: prompt 1792 + 256 new tokens
       timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 13b --arch mmfree --weights packed \
         --prompt-len 1792 --new-tokens 256 --out "$RUNS/decode-power-13b-ctx2048" 2>&1 \
-        | tee "$OUT/decode-power-13b-ctx2048.log" || status=1
+        | tee "$LOGS/decode-power-13b-ctx2048.log" || status=1
       for run in "$RUNS"/decode-power-*; do python3 -m mmprof plot "$run" --out "$run/plot.png" || status=1; done ;;
     multi)
       # torchrun over MULTI_GPUS GPUs (default: all): FSDP2 train-memory per size with and without activation
@@ -58,15 +59,15 @@ for stage in "${STAGES[@]}"; do
         ARGS=(--size "$size" --shard fsdp --arch mmfree,transformer --bitlinear fused --batch "${MULTI_BATCH:-1,2}"
               --seq 2048 --checkpointing none,layer)
         timeout "${STAGE_TIMEOUT:-600}" "${TORCHRUN[@]}" -m mmprof train-memory "${ARGS[@]}" --steps 3 --warmup 2 \
-          --estimate --out "$RUNS/train-memory-fsdp-$size-x$NGPU" 2>&1 | tee "$OUT/train-memory-fsdp-$size-x$NGPU.log" || status=1
+          --estimate --out "$RUNS/train-memory-fsdp-$size-x$NGPU" 2>&1 | tee "$LOGS/train-memory-fsdp-$size-x$NGPU.log" || status=1
         timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof train-memory "${ARGS[@]}" --device meta --world-size "$NGPU" \
-          --out "$RUNS/train-memory-fsdp-$size-x$NGPU-estimate" 2>&1 | tee -a "$OUT/train-memory-fsdp-$size-x$NGPU.log" || status=1
+          --out "$RUNS/train-memory-fsdp-$size-x$NGPU-estimate" 2>&1 | tee -a "$LOGS/train-memory-fsdp-$size-x$NGPU.log" || status=1
         python3 -m mmprof plot "$RUNS/train-memory-fsdp-$size-x$NGPU" --out "$RUNS/train-memory-fsdp-$size-x$NGPU/plot.png" || status=1
       done
       if [ -n "${MULTI_DECODE_SIZES-2.7b}" ]; then
         timeout "${STAGE_TIMEOUT:-600}" "${TORCHRUN[@]}" -m mmprof decode-power --size "${MULTI_DECODE_SIZES:-2.7b}" \
           --shard replicate --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power-replicate-x$NGPU" 2>&1 \
-          | tee "$OUT/decode-power-replicate-x$NGPU.log" || status=1
+          | tee "$LOGS/decode-power-replicate-x$NGPU.log" || status=1
       fi ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac

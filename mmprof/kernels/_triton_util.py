@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -73,3 +74,12 @@ def row_block(features: int) -> tuple[int, int]:
     """Block width (the whole row, a power of two) and warps for a one-row-per-program kernel."""
     block = triton.next_power_of_2(features)
     return block, 1 if interpreting() else min(16, max(1, block // 256))
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round's rounding (half to even) from floor and a tie test: the interpreter has no rint."""
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmprof.kernels._triton_util import device_guard, persistent_programs, row_block
+from mmprof.kernels._triton_util import device_guard, persistent_programs, round_half_even, row_block
 from mmprof.kernels.bitlinear import ACT_LEVELS, SCALE_FLOOR
 from mmprof.kernels.norm_gate import norm_silu_gate_grads
 
@@ -31,14 +31,6 @@ PROLOGUES = ("none", "norm", "add_norm", "glu", "norm_gate")
 _MODE = {name: n for n, name in enumerate(PROLOGUES)}
 _NONE, _NORM, _ADD_NORM, _GLU, _NORM_GATE = range(5)
 MAX_PROJECTIONS = 3
-
-
-@triton.jit
-def _round_half_even(v):
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
 
 
 @triton.jit
@@ -105,7 +97,7 @@ def _quantize_rows_kernel(
         else:
             s = tl.div_rn(levels, tl.maximum(tl.max(tl.abs(xn), axis=0), scale_floor))
             tl.store(s_ptr + k * N + row, s)
-        q = tl.minimum(tl.maximum(_round_half_even(xn * s), -levels - 1.0), levels)
+        q = tl.minimum(tl.maximum(round_half_even(xn * s), -levels - 1.0), levels)
         tl.store(xq_ptr + (k * N + row) * K + cols, tl.div_rn(q, s).to(xq_ptr.dtype.element_ty), mask=ok)
 
 
@@ -215,7 +207,7 @@ def _ternary_kernel(w_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
     t = tl.load(scale_ptr).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     v = (w.to(tl.float32) * t).to(w_ptr.dtype.element_ty).to(tl.float32)
-    q = tl.minimum(tl.maximum(_round_half_even(v), -1.0), 1.0)
+    q = tl.minimum(tl.maximum(round_half_even(v), -1.0), 1.0)
     wq = tl.div_rn(q, t).to(w_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, wq.to(out_ptr.dtype.element_ty), mask=ok)
 

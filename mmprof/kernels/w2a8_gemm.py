@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmprof.kernels._triton_util import autotune_configs, device_guard, row_block, select_backend
+from mmprof.kernels._triton_util import autotune_configs, device_guard, round_half_even, row_block, select_backend
 from mmprof.kernels.bitlinear import ACT_LEVELS, NORM_EPS, SCALE_FLOOR, act_scale, rms_inv
 from mmprof.kernels.ternary_pack import packed_words, unpack_ternary
 
@@ -90,14 +90,6 @@ def w2a8_linear_ref(
 
 
 @triton.jit
-def _round_half_even(v):
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
-
-
-@triton.jit
 def _quantize_rows_kernel(
     x_ptr, g_ptr, q_ptr, amax_ptr, K, K_float, x_stride, eps, levels, floor, BLOCK: tl.constexpr
 ):
@@ -109,7 +101,7 @@ def _quantize_rows_kernel(
     xn = x * r * tl.load(g_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xn), axis=0), floor)
     s = tl.div_rn(levels, amax)
-    q = tl.minimum(tl.maximum(_round_half_even(xn * s), -levels - 1.0), levels)
+    q = tl.minimum(tl.maximum(round_half_even(xn * s), -levels - 1.0), levels)
     tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=ok)
     tl.store(amax_ptr + row, amax)
 

@@ -24,17 +24,9 @@ Epilogues (EPILOGUE): 0 raw int32 sums (input already int8), 1 store, 2 add a re
 import triton
 import triton.language as tl
 
+from mmprof.kernels._triton_util import round_half_even
+
 EPI_INT, EPI_STORE, EPI_RESIDUAL, EPI_MLGRU, EPI_GLU = (tl.constexpr(v) for v in range(5))  # read by the kernel
-
-
-@triton.jit
-def _round_half_even(v):
-    """torch.round's rounding (half to even) from floor, which the interpreter also has."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
 
 
 @triton.jit
@@ -56,7 +48,7 @@ def _dot4(xw, codes, acc, USE_DP4A: tl.constexpr):
 def _quantize(xa, b_ptr, offs, mask, mult):
     """int8 levels (as int32) of xa * b * mult, rounded half to even and clamped to [-128, 127]."""
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _round_half_even(xa * b * mult)
+    q = round_half_even(xa * b * mult)
     return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
 
 

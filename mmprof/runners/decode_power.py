@@ -18,6 +18,7 @@ from mmprof.profiler import (
     Measurement,
     Profiler,
     copy_bandwidth_gbps,
+    cuda_index,
     synchronize,
 )
 from mmprof.runners.sweep import guarded, pending, release_memory
@@ -70,7 +71,8 @@ class Config:
     def spec_row(self, spec: DecodeSpec) -> dict:
         return {"arch": self.arch, "size": self.size, "weights": self.weights, "batch": spec.batch,
                 "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "repeats": spec.repeats,
-                "device": spec.device, "precision": spec.precision, "cuda_graph": int(spec.cuda_graph)}
+                "device": spec.device, "precision": spec.precision, "cuda_graph": int(spec.cuda_graph),
+                "shard": "none", "world_size": 1, "rank": 0, "local_gpu": cuda_index(spec.device), "row_kind": "rank"}
 
     @property
     def label(self) -> str:

@@ -124,6 +124,18 @@ def _tracker_row(tracker: MemoryTracker, before: int) -> dict:
     }
 
 
+def energy_columns(m, steps: int, tokens_per_step: int) -> dict:
+    """Energy per step and per token (gross and above idle) of a window of `steps` steps."""
+    out = {}
+    if m.energy_j is not None:
+        out["energy_per_step_j"] = m.energy_j / steps
+        out["j_per_token"] = m.energy_j / (steps * tokens_per_step)
+        if m.energy_above_idle_j is not None:
+            out["energy_above_idle_per_step_j"] = m.energy_above_idle_j / steps
+            out["j_per_token_above_idle"] = m.energy_above_idle_j / (steps * tokens_per_step)
+    return out
+
+
 def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     """Warm up, then time and meter a window of steps; then one step under the live-tensor tracker."""
     trainer = make_trainer(_train_spec(cfg, spec), spec.device)
@@ -153,12 +165,7 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     if tflops:
         flops = model_flops_per_token(get_config(spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
         row["mfu"] = flops / (tflops * 1e12)
-    if m.energy_j is not None:
-        row["energy_per_step_j"] = m.energy_j / timing.n
-        row["j_per_token"] = m.energy_j / (timing.n * tokens)
-        if m.energy_above_idle_j is not None:
-            row["energy_above_idle_per_step_j"] = m.energy_above_idle_j / timing.n
-            row["j_per_token_above_idle"] = m.energy_above_idle_j / (timing.n * tokens)
+    row.update(energy_columns(m, timing.n, tokens))
     if not cuda:
         m.unavailable.pop("peak_alloc_gib", None)   # the tracker's peak fills it
     notes = [m.note(), tracker_note(tracker)]

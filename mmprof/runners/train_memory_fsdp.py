@@ -205,12 +205,7 @@ class Runner:
         flops, peak = self._flops_per_token(cfg, spec)
         if peak:
             row["mfu"] = flops * row["tokens_per_s"] / (peak * 1e12)
-        if m.energy_j is not None:
-            row["energy_per_step_j"] = m.energy_j / timing.n
-            row["j_per_token"] = m.energy_j / (timing.n * tokens)
-            if m.energy_above_idle_j is not None:
-                row["energy_above_idle_per_step_j"] = m.energy_above_idle_j / timing.n
-                row["j_per_token_above_idle"] = m.energy_above_idle_j / (timing.n * tokens)
+        row.update(tm.energy_columns(m, timing.n, tokens))
         notes = [m.note(), f"FSDP2 rank {job.rank} of {job.world_size}"]
         if self._mixed(spec):
             notes.append("bf16 parameters in forward/backward, fp32 gradient reduction (MixedPrecisionPolicy)")

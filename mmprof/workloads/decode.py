@@ -22,11 +22,6 @@ from torch import Tensor
 from mmprof.errors import UserError
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters as held on the device (shared tensors counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 class Decoder:
     """Holds the decoding state of `batch` sequences of up to `max_len` tokens."""
 

@@ -7,13 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mmprof.kernels._triton_util import interpreting
+from mmprof.kernels._triton_util import interpreting, round_half_even
 from mmprof.kernels.bitlinear import BitLinear, bitlinear
 from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
 from mmprof.kernels.w2a8_gemm import (
     _CONFIGS,
     _INV_LEVELS,
-    _round_half_even,
     _w2a8_kernel,
     packed_bitlinear,
     quantize_rows,
@@ -118,7 +117,7 @@ def test_round_half_even_matches_torch_round():
     @triton.jit
     def kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, _round_half_even(tl.load(x_ptr + offs)))
+        tl.store(y_ptr + offs, round_half_even(tl.load(x_ptr + offs)))
 
     ties = torch.arange(-130, 130, dtype=torch.float32) + 0.5
     x = torch.cat([ties, torch.randn(248) * 100, torch.tensor([0.49999997, -0.49999997, 126.99999, -127.5])])
