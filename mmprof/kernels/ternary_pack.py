@@ -11,8 +11,9 @@ dot product of 4 activations with 4 codes in one integer instruction and correct
 with the activations' sum: sum(x * t) = sum(x * code) - sum(x). Columns past K are padded with code 1
 (weight 0), which adds nothing.
 
-The scale is BitLinear's: w_scale = max(mean|W|, 1e-5), t = round(W / w_scale).clamp(-1, 1), so
-t * w_scale is exactly the fake-quantised weight the training path uses.
+The scale is BitLinear's: s = 1 / max(mean|W|, 1e-5), t = round(W * s).clamp(-1, 1), computed in the
+weight's dtype as the training path computes them, so t is the fake-quant model's ternary matrix;
+w_scale = 1 / s is stored in fp32.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ def packed_words(features: int) -> int:
 def ternary_quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
     """W [N, K] (any float dtype) -> (t int8 [N, K] in {-1, 0, 1}, w_scale fp32 scalar tensor).
 
-    The same arithmetic as `weight_quant` of the training path: t * w_scale equals its result."""
-    w = weight.float()
-    scale = 1.0 / w.abs().mean().clamp(min=SCALE_FLOOR)
-    t = (w * scale).round().clamp(-1, 1).to(torch.int8)
-    return t, (1.0 / scale).reshape(())
+    The arithmetic of `weight_quant` of the training path, in the weight's own dtype, so t is the
+    ternary matrix the fake-quant model uses; w_scale is its 1 / scale, kept in fp32."""
+    scale = 1.0 / weight.abs().mean().clamp(min=SCALE_FLOOR)
+    t = (weight * scale).round().clamp(-1, 1).to(torch.int8)
+    return t, (1.0 / scale.float()).reshape(())
 
 
 def pack_ternary(t: Tensor) -> Tensor:

@@ -206,7 +206,8 @@ class Runner:
         if peak:
             row["mfu"] = flops * row["tokens_per_s"] / (peak * 1e12)
         row.update(tm.energy_columns(m, timing.n, tokens))
-        notes = [m.note(), f"FSDP2 rank {job.rank} of {job.world_size}"]
+        notes = [m.note(), f"FSDP2 rank {job.rank} of {job.world_size}",
+                 "grad_gib is the gradient shards' size (as param_gib), not a measurement"]
         if self._mixed(spec):
             notes.append("bf16 parameters in forward/backward, fp32 gradient reduction (MixedPrecisionPolicy)")
         if not cuda:

@@ -7,8 +7,9 @@ the prompt eagerly, `step(ids) -> logits` is capturable: fixed shapes, position 
 on CUDA replays one captured CUDA graph per token, so no per-token host work is left but a copy and
 a replay. `make_decoder` picks the graph decoder for models that have a static decoder.
 
-Weights are used as the model holds them: for the MatMul-free LM that is `fake-quant` (bf16 or fp32
-weights quantized to ternary on every call, as the reference implementation does).
+Weights are used as the model holds them: `MMFreeLM` keeps bf16 or fp32 weights and quantizes them
+to ternary on every call (fake-quant, as the reference implementation does); `PackedMMFreeLM`
+(workloads/packed.py) holds them packed in 2 bits and has only the static decoder.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def generate(
 ) -> Tensor:
     """Prompt [B, P] -> [B, P + new_tokens]. `on_token(n, ids)` is called after each new token."""
     batch, prompt_len = prompt_ids.shape
-    decoder = Decoder(model, batch, prompt_len + new_tokens, prompt_ids.device)
+    decoder = make_decoder(model, batch, prompt_len + new_tokens, prompt_ids.device, graph=False)
     logits = decoder.prefill(prompt_ids)
     pieces = [prompt_ids]
     for n in range(new_tokens):

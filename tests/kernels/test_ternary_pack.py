@@ -52,3 +52,13 @@ def test_bad_inputs_are_refused():
         pack_ternary(torch.zeros(4, dtype=torch.int8))
     with pytest.raises(ValueError, match="do not hold"):
         unpack_ternary(torch.zeros(2, 1, dtype=torch.int32), 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_ternary_levels_are_the_fake_quant_models_in_its_dtype(dtype):
+    torch.manual_seed(7)
+    w = (torch.randn(64, 96) * 0.02).to(dtype)
+    t, scale = ternary_quantize(w)
+    assert scale.dtype == torch.float32
+    # weight_quant computes t / s in the weight's dtype; the same levels times our fp32 1/s agree there
+    assert torch.equal((t.float() * scale).to(dtype), weight_quant(w))

@@ -116,3 +116,15 @@ def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
         eager.prefill(ids[:, :32])
         graphed.prefill(ids[:, :32])
         assert rel_rms_error(graphed.step(ids[:, 32]), eager.step(ids[:, 32])) < 1e-4
+
+
+def test_generate_decodes_the_packed_model_like_the_fake_quant_one():
+    from mmprof.workloads import generate
+
+    torch.manual_seed(5)
+    model = fake_quant_model()
+    packed = PackedMMFreeLM.from_model(model)
+    prompt = torch.randint(0, 256, (2, 5))
+    out = generate(packed, prompt, 6)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, generate(model, prompt, 6))   # the same greedy tokens (fp32, this seed)
