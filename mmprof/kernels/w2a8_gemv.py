@@ -25,7 +25,8 @@ the next launch's input can instead add them up as it writes the row (`next_sums
 the next launch's norm_weights, its pre_weight, or "gate" after the "mlgru" epilogue)`, the buffer
 zeroed beforehand), and the next launch reads them (`sums=buffer`) and skips that pass.
 
-`w2a8_gemv_int` is the integer core alone (int8 input, int32 output), bit-exact against its twin.
+`w2a8_gemv_int` is the integer core alone (int8 input, int32 output), bit-exact against its twin
+(`w2a8_matmul_ref`, the small GEMM's, the same function).
 Every function has a plain-PyTorch twin (`*_ref`), used off CUDA and by the tests.
 """
 
@@ -43,7 +44,6 @@ from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
-GEMV_ROWS = 8  # batches it is made for: each row's programs stream the weights again (prefill: small GEMM)
 
 _GPU_CONFIGS = [
     ({"BLOCK_N": bn, "BLOCK_KW": kw}, warps)
@@ -77,7 +77,8 @@ def w2a8_gemv(
     gate_weight: Tensor | None = None, sums: Tensor | None = None, next_sums: tuple | None = None,
     backend: str = "auto",
 ):  # fmt: skip
-    """See the module docstring. x [M, K], M up to GEMV_ROWS in practice; fp32 results (a pair for "mlgru")."""
+    """See the module docstring. x [M, K] (made for M = 1..8: each row's programs stream the weights
+    again); fp32 results (a pair for "mlgru")."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {', '.join(EPILOGUES)}, got {epilogue!r}")
     nq = 1 if shared_quant else parts
@@ -145,7 +146,7 @@ def w2a8_gemv_int(q: Tensor, packed: Tensor, features: int, *, backend: str = "a
         raise ValueError(f"q must be int8, got {q.dtype}")
     n = _check(q, packed, features, 1, 1, None, None)
     if select_backend(backend, q) == "torch":
-        return w2a8_gemv_int_ref(q, packed, features)
+        return w2a8_matmul_ref(q, packed, features)
     out = torch.empty(q.shape[0], n, device=q.device, dtype=torch.int32)
     _launch(q.contiguous(), packed, out, n, 1, epilogue=tri.EPI_INT.value)
     return out
@@ -154,10 +155,6 @@ def w2a8_gemv_int(q: Tensor, packed: Tensor, features: int, *, backend: str = "a
 # ---------------------------------------------------------------------------------------------
 # Plain-PyTorch twins
 # ---------------------------------------------------------------------------------------------
-
-
-def w2a8_gemv_int_ref(q: Tensor, packed: Tensor, features: int) -> Tensor:
-    return w2a8_matmul_ref(q, packed, features)
 
 
 def row_sums_ref(x: Tensor, norm_weights: Tensor, pre_weight: Tensor | None = None) -> Tensor:
@@ -212,7 +209,7 @@ def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=Fa
     ys = []
     for p in range(parts):
         j = 0 if shared_quant else p
-        acc = w2a8_gemv_int_ref(q[j], packed[p * n : (p + 1) * n], k)
+        acc = w2a8_matmul_ref(q[j], packed[p * n : (p + 1) * n], k)
         ys.append(acc.float() * (amax[j] / 127.0)[:, None] * ws[j])
     if epilogue == "store":
         return torch.cat(ys, dim=1)

@@ -38,16 +38,17 @@ from mmprof.workloads.precision import param_dtype
 BLOCK = 512
 
 
-def _round(nbytes: int) -> int:
+def allocator_bytes(nbytes: int) -> int:
+    """nbytes rounded up to the CUDA caching allocator's 512-byte blocks."""
     return -(-nbytes // BLOCK) * BLOCK
 
 
 def shard_bytes(p: torch.Tensor, world: int, itemsize: int) -> int:
     """Bytes one rank holds of parameter p: ceil(dim0 / N) rows (FSDP2 pads dim 0), in 512-byte blocks."""
     if p.dim() == 0:
-        return _round(itemsize)
+        return allocator_bytes(itemsize)
     rows = math.ceil(p.shape[0] / world)
-    return _round(rows * (p.numel() // p.shape[0]) * itemsize)
+    return allocator_bytes(rows * (p.numel() // p.shape[0]) * itemsize)
 
 
 def _padded_numel(p: torch.Tensor, world: int) -> int:

@@ -27,6 +27,7 @@ from mmprof.errors import UserError
 from mmprof.profiler import GIB, Profiler, TimingStats
 from mmprof.runners import train_memory as tm
 from mmprof.runners.distributed import Job, Outcome
+from mmprof.runners.fsdp_estimate import allocator_bytes
 from mmprof.runners.job_summary import summarize
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending, release_memory
 from mmprof.workloads import TrainSpec, build_model, get_config, init_weights, model_flops_per_token
@@ -34,6 +35,11 @@ from mmprof.workloads.checkpointing import apply_checkpointing
 from mmprof.workloads.precision import forward_context, param_dtype
 from mmprof.workloads.train import RandomTokens
 
+
+
+def uses_mixed_policy(device, precision: str) -> bool:
+    """bf16 autocast on CUDA becomes FSDP2's MixedPrecisionPolicy (bf16 parameters, fp32 reduction)."""
+    return torch.device(device).type == "cuda" and precision == "bf16-autocast"
 
 class ShardedTrainer:
     """The model sharded with FSDP2 on this rank, AdamW, random tokens; `step()` never syncs the host."""
@@ -48,7 +54,7 @@ class ShardedTrainer:
         model = build_model(tspec.arch, cfg, bitlinear=tspec.bitlinear, device="meta",
                             dtype=param_dtype(tspec.precision))
         apply_checkpointing(model, checkpointing)
-        self.mixed = device.type == "cuda" and tspec.precision == "bf16-autocast"
+        self.mixed = uses_mixed_policy(device, tspec.precision)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                    cast_forward_inputs=False) if self.mixed else MixedPrecisionPolicy())
         for block in model.model.layers:
@@ -74,7 +80,7 @@ class ShardedTrainer:
         """Bytes of this rank's parameter shards and optimizer state on its device (512-byte blocks)."""
         def local(t):
             t = t.to_local() if hasattr(t, "to_local") else t
-            return -(-t.untyped_storage().nbytes() // 512) * 512 if t.device == self.device else 0
+            return allocator_bytes(t.untyped_storage().nbytes()) if t.device == self.device else 0
 
         params = sum(local(p) for p in self.model.parameters())
         optim = sum(local(v) for st in self.optimizer.state.values() for v in st.values()
@@ -208,15 +214,12 @@ class Runner:
         row.update(tm.energy_columns(m, timing.n, tokens))
         notes = [m.note(), f"FSDP2 rank {job.rank} of {job.world_size}",
                  "grad_gib is the gradient shards' size (as param_gib), not a measurement"]
-        if self._mixed(spec):
+        if uses_mixed_policy(self.job.device, spec.precision):
             notes.append("bf16 parameters in forward/backward, fp32 gradient reduction (MixedPrecisionPolicy)")
         if not cuda:
             notes.append("no CUDA allocator: peak_alloc_gib not measured on cpu (host_rss_peak_gib is)")
         row["note"] = "; ".join(n for n in notes if n)
         return row
-
-    def _mixed(self, spec) -> bool:
-        return self.job.device.startswith("cuda") and spec.precision == "bf16-autocast"
 
     def _flops_per_token(self, cfg, spec) -> tuple[float, float | None]:
         cuda = self.job.device.startswith("cuda")

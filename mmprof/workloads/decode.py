@@ -23,6 +23,14 @@ from torch import Tensor
 from mmprof.errors import UserError
 
 
+def check_room(decoder, batch: int, start: int, tokens: int) -> None:
+    """UserError unless `batch` is the decoder's and `tokens` more fit after position `start`."""
+    if batch != decoder.batch:
+        raise UserError(f"decoder holds {decoder.batch} sequences, got a batch of {batch}")
+    if start + tokens > decoder.max_len:
+        raise UserError(f"decoding past max_len {decoder.max_len} (at {start} + {tokens})")
+
+
 class Decoder:
     """Holds the decoding state of `batch` sequences of up to `max_len` tokens."""
 
@@ -33,10 +41,7 @@ class Decoder:
         self.length = 0
 
     def _run(self, input_ids: Tensor) -> Tensor:
-        if input_ids.shape[0] != self.batch:
-            raise UserError(f"decoder holds {self.batch} sequences, got a batch of {input_ids.shape[0]}")
-        if self.length + input_ids.shape[1] > self.max_len:
-            raise UserError(f"decoding past max_len {self.max_len} (at {self.length} + {input_ids.shape[1]})")
+        check_room(self, input_ids.shape[0], self.length, input_ids.shape[1])
         out = self.model(input_ids, state=self.state)
         self.state = out.state
         self.length += input_ids.shape[1]
@@ -75,18 +80,12 @@ class GraphDecoder:
         self._ids: Tensor | None = None
         self._logits: Tensor | None = None
 
-    def _check(self, ids: Tensor, tokens: int, start: int) -> None:
-        if ids.shape[0] != self.batch:
-            raise UserError(f"decoder holds {self.batch} sequences, got a batch of {ids.shape[0]}")
-        if start + tokens > self.max_len:
-            raise UserError(f"decoding past max_len {self.max_len} (at {start} + {tokens})")
-
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor) -> Tensor:
         """Start over with the prompt [B, P]; return the logits of its last position [B, vocab]."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise UserError(f"a prompt is [batch, length >= 1] token ids, got shape {tuple(input_ids.shape)}")
-        self._check(input_ids, input_ids.shape[1], 0)
+        check_room(self, input_ids.shape[0], 0, input_ids.shape[1])
         graph = self.use_graph if self.use_graph is not None else input_ids.device.type == "cuda"
         if graph and input_ids.device.type != "cuda":
             raise UserError(f"CUDA graphs need a CUDA device, the prompt is on {input_ids.device}")
@@ -117,7 +116,7 @@ class GraphDecoder:
         if self.length == 0:
             raise UserError("decoder: step before prefill")
         ids = next_ids.reshape(-1)
-        self._check(ids, 1, self.length)
+        check_room(self, ids.shape[0], self.length, 1)
         if self.graph is None:
             logits = self.decoder.step(ids)
         else:

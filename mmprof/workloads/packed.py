@@ -35,29 +35,33 @@ PREFILL_CHUNK = 256  # prompt tokens per prefill pass: bounds the activations of
 
 
 class PackedLinear(nn.Module):
-    """`parts` BitLinears of out_features rows each, packed into one [parts * out, in/16] tensor."""
+    """`parts` blocks of out_features rows packed into one [parts * out, in/16] tensor: separate
+    BitLinears with a norm weight and scale each, or (`shared`) the parts of one BitLinear, which
+    share them (gate_proj's a and b halves)."""
 
-    def __init__(self, in_features: int, out_features: int, parts: int = 1, device=None):
+    def __init__(self, in_features: int, out_features: int, parts: int = 1, shared: bool = False, device=None):
         super().__init__()
-        self.in_features, self.out_features, self.parts = in_features, out_features, parts
+        self.in_features, self.out_features, self.parts, self.shared = in_features, out_features, parts, shared
+        quantised = 1 if shared else parts
         words = packed_words(in_features)
         self.register_buffer("packed", torch.zeros(parts * out_features, words, dtype=torch.int32, device=device))
-        self.register_buffer("w_scale", torch.ones(parts, device=device))
-        self.register_buffer("norm", torch.ones(parts, in_features, device=device))
+        self.register_buffer("w_scale", torch.ones(quantised, device=device))
+        self.register_buffer("norm", torch.ones(quantised, in_features, device=device))
 
     @torch.no_grad()
     def fill(self, bitlinears) -> None:
+        """Pack the BitLinears of the parts in order (one BitLinear holding every part if shared)."""
         for p, lin in enumerate(bitlinears):
             packed, scale = pack_weight(lin.weight)
-            self.packed[p * self.out_features : (p + 1) * self.out_features] = packed
+            rows = packed.shape[0]
+            self.packed[p * rows : (p + 1) * rows] = packed
             self.w_scale[p] = scale
             self.norm[p] = lin.norm.weight.float()
 
-    def prefill(self, x: Tensor, part: int | None = 0) -> Tensor:
-        """BitLinear `part` on rows of any count (fp32 out); None: all parts as one BitLinear
-        (the halves of gate_proj, which share one norm weight and scale)."""
-        rows = self.packed if part is None else self.packed[part * self.out_features : (part + 1) * self.out_features]
-        p = 0 if part is None else part
+    def prefill(self, x: Tensor, part: int = 0) -> Tensor:
+        """BitLinear `part` on rows of any count (fp32 out); if shared, the one BitLinear, all parts."""
+        rows = self.packed if self.shared else self.packed[part * self.out_features : (part + 1) * self.out_features]
+        p = 0 if self.shared else part
         return packed_bitlinear(x, self.norm[p], rows, self.w_scale[p], self.in_features,
                                 eps=NORM_EPS, out_dtype=torch.float32)  # fmt: skip
 
@@ -70,10 +74,10 @@ class PackedBlock(nn.Module):
         self.register_buffer("attn_norm", torch.ones(d, device=device))
         self.register_buffer("mlp_norm", torch.ones(d, device=device))
         self.register_buffer("g_norm", torch.ones(d, device=device))
-        self.ifg = PackedLinear(d, d, 3, device)
-        self.o_proj = PackedLinear(d, d, 1, device)
-        self.gate_proj = PackedLinear(d, inter, 2, device)  # the a and b halves of one BitLinear
-        self.down_proj = PackedLinear(inter, d, 1, device)
+        self.ifg = PackedLinear(d, d, 3, device=device)
+        self.o_proj = PackedLinear(d, d, device=device)
+        self.gate_proj = PackedLinear(d, inter, 2, shared=True, device=device)  # a and b halves of one BitLinear
+        self.down_proj = PackedLinear(inter, d, device=device)
 
     @torch.no_grad()
     def fill(self, block) -> None:
@@ -83,10 +87,7 @@ class PackedBlock(nn.Module):
         self.g_norm.copy_(attn.g_norm.weight)
         self.ifg.fill([attn.i_proj, attn.f_proj, attn.g_proj])
         self.o_proj.fill([attn.o_proj])
-        packed, scale = pack_weight(mlp.gate_proj.weight)
-        self.gate_proj.packed.copy_(packed)
-        self.gate_proj.w_scale.fill_(scale)
-        self.gate_proj.norm.copy_(mlp.gate_proj.norm.weight.float().expand(2, -1))
+        self.gate_proj.fill([mlp.gate_proj])
         self.down_proj.fill([mlp.down_proj])
 
     def prefill(self, x: Tensor, lower_bound: Tensor | None, state: Tensor) -> Tensor:
@@ -96,7 +97,7 @@ class PackedBlock(nn.Module):
         c, final = mlgru_scan(f, i, state)
         state.copy_(final)
         x = x + self.o_proj.prefill(rms_norm_silu_gate_ref(g_pre, c, self.g_norm, self.eps))
-        a, b = self.gate_proj.prefill(rms_norm(x, self.mlp_norm, self.eps), None).chunk(2, dim=-1)
+        a, b = self.gate_proj.prefill(rms_norm(x, self.mlp_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj.prefill(F.silu(a) * b)
 
     def step(self, x: Tensor, lower_bound: Tensor | None, state: Tensor, sums: Tensor, x_sums: Tensor | None,
@@ -110,8 +111,8 @@ class PackedBlock(nn.Module):
                                pre_eps=self.eps, epilogue="mlgru", state=state, lower_bound=lower_bound,
                                gate_weight=self.g_norm, sums=x_sums, next_sums=(sums[0], o.norm, "gate"))  # fmt: skip
         x2 = w2a8_gemv(g, o.norm, o.packed, o.w_scale, pre_weight=gate_in, pre_eps=self.eps, epilogue="residual",
-                       residual=x, sums=sums[0], next_sums=(sums[1], gate.norm[:1], self.mlp_norm))  # fmt: skip
-        z = w2a8_gemv(x2, gate.norm[:1], gate.packed, gate.w_scale[:1], parts=2, shared_quant=True,
+                       residual=x, sums=sums[0], next_sums=(sums[1], gate.norm, self.mlp_norm))  # fmt: skip
+        z = w2a8_gemv(x2, gate.norm, gate.packed, gate.w_scale, parts=2, shared_quant=True,
                       pre_weight=self.mlp_norm, pre_eps=self.eps, epilogue="glu", sums=sums[1],
                       next_sums=(sums[2], down.norm, None))  # fmt: skip
         return w2a8_gemv(z, down.norm, down.packed, down.w_scale, epilogue="residual", residual=x2, sums=sums[2],
@@ -131,7 +132,7 @@ class PackedMMFreeLM(nn.Module):
         self.layers = nn.ModuleList(PackedBlock(cfg, device) for _ in range(cfg.num_layers))
         self.register_buffer("lower_bounds", torch.zeros(cfg.num_layers, d, device=device))
         self.register_buffer("norm", torch.ones(d, device=device))
-        self.lm_head = PackedLinear(d, cfg.vocab_size, 1, device)
+        self.lm_head = PackedLinear(d, cfg.vocab_size, device=device)
 
     @classmethod
     @torch.no_grad()

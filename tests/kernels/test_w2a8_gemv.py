@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from mmprof.kernels._triton_util import interpreting
 from mmprof.kernels.bitlinear import bitlinear, rms_norm
 from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
-from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_int_ref, w2a8_gemv_ref
+from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
+from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_ref
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
 # (rows M, inputs K, outputs N): K not a multiple of 16 and N not of the block too
@@ -39,7 +40,7 @@ def check_int_core(shape, device):
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
     packed = pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device))
     out = w2a8_gemv_int(q, packed, k, backend="triton")
-    assert out.dtype == torch.int32 and torch.equal(out, w2a8_gemv_int_ref(q, packed, k))
+    assert out.dtype == torch.int32 and torch.equal(out, w2a8_matmul_ref(q, packed, k))
 
 
 CASES = {  # name: (parts, shared_quant, epilogue, pre-norm weight per row)
