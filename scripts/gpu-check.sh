@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # Everything that needs a real GPU, in one call of the device tool:
-#   scripts/gpu-check.sh [STAGE...]   stages: tests profiler kernels train w2a8 decode (default: all)
+#   scripts/gpu-check.sh [STAGE...]   stages: tests profiler kernels train w2a8 decode (default: all);
+#                                     decode is decode-packed decode-ctx2048 decode-reference, each a stage too
 #                                     and multi (torchrun on several GPUs; MULTI_GPUS, MULTI_SIZES, MULTI_BATCH,
 #                                     MULTI_DECODE_SIZES ('' skips decoding); not in the default)
-# Writes run folders and logs under $OUT/runs (default ./gpu-out/runs) and packs them into
-# $OUT/runs.tgz, the one file that comes back (the device tool returns at most 8 files from $OUT).
+# Writes run folders and logs beside $OUT (in $OUT.runs; OUT defaults to ./gpu-out) and packs them
+# into $OUT/runs.tgz after every stage: the one file that comes back (the device tool returns at most
+# 8 files from $OUT), also when the call is stopped at its time limit.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests profiler kernels train w2a8 decode)
-RUNS="$OUT/runs"
+RUNS="${OUT%/}.runs"
 LOGS="$RUNS/logs"
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 || { cat "$LOGS/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm --format=csv | tee "$LOGS/gpu.txt"
 status=0
+decode_run() {  # NAME ARGS...: one decode-power run folder, its log and its plot
+  local name="$1"; shift
+  timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power "$@" --out "$RUNS/$name" 2>&1 \
+    | tee "$LOGS/$name.log" || status=1
+  python3 -m mmprof plot "$RUNS/$name" --out "$RUNS/$name/plot.png" || status=1
+}
 for stage in "${STAGES[@]}"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
     tests)
-      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
+      # shellcheck disable=SC2086  # PYTEST_ARGS: test paths to limit the run to (default: all)
+      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
     kernels)
@@ -32,24 +41,25 @@ for stage in "${STAGES[@]}"; do
       python3 -m mmprof plot "$RUNS/train-memory" --out "$RUNS/train-memory/plot.png" || status=1 ;;
     w2a8)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_w2a8.py --sizes "${DECODE_SIZES:-1.3b,2.7b,13b}" \
-        --out "$RUNS/bench-w2a8.csv" 2>&1 | tee "$LOGS/bench-w2a8.log" || status=1 ;;
-    decode)
-      # both models decoded carefully (CUDA graphs; packed ternary weights, bf16 Transformer++)
-      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size "${DECODE_SIZES:-1.3b,2.7b,13b}" \
-        --weights packed --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power-packed" 2>&1 \
-        | tee "$LOGS/decode-power-packed.log" || status=1
-      # the reference's way at 1.3b: fake-quant bf16 weights, eager and graphed, beside eager Transformer++
-      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 1.3b --weights fake-quant --no-graph \
-        --new-tokens "${EAGER_TOKENS:-64}" --out "$RUNS/decode-power-eager" 2>&1 \
-        | tee "$LOGS/decode-power-eager.log" || status=1
-      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 1.3b --arch mmfree --weights fake-quant \
-        --new-tokens "${DECODE_TOKENS:-256}" --out "$RUNS/decode-power-fake-quant-graph" 2>&1 \
-        | tee "$LOGS/decode-power-fake-quant-graph.log" || status=1
-      # 13b packed with a 2048-token context: prompt 1792 + 256 new tokens
-      timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power --size 13b --arch mmfree --weights packed \
-        --prompt-len 1792 --new-tokens 256 --out "$RUNS/decode-power-13b-ctx2048" 2>&1 \
-        | tee "$LOGS/decode-power-13b-ctx2048.log" || status=1
-      for run in "$RUNS"/decode-power-*; do python3 -m mmprof plot "$run" --out "$run/plot.png" || status=1; done ;;
+        --out "$RUNS/bench-w2a8.csv" 2>&1 | tee "$LOGS/bench-w2a8.log" || status=1
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profile_packed_step.py --sizes "${PROFILE_SIZES:-1.3b,13b}" \
+        --out "$RUNS/profile-packed-step.csv" 2>&1 | tee "$LOGS/profile-packed-step.log" || status=1 ;;
+    decode|decode-packed|decode-ctx2048|decode-reference)
+      # decode-packed: both models decoded carefully (CUDA graphs; packed ternary weights, bf16 Transformer++)
+      if [ "$stage" = decode ] || [ "$stage" = decode-packed ]; then
+        decode_run decode-power-packed --size "${DECODE_SIZES:-1.3b,2.7b,13b}" --weights packed \
+          --new-tokens "${DECODE_TOKENS:-256}"
+      fi
+      # decode-ctx2048: 13b packed with a 2048-token context: prompt 1792 + 256 new tokens
+      if [ "$stage" = decode ] || [ "$stage" = decode-ctx2048 ]; then
+        decode_run decode-power-13b-ctx2048 --size 13b --arch mmfree --weights packed --prompt-len 1792 --new-tokens 256
+      fi
+      # decode-reference: the reference's way at 1.3b, fake-quant bf16 weights, eager and graphed
+      if [ "$stage" = decode ] || [ "$stage" = decode-reference ]; then
+        decode_run decode-power-eager --size 1.3b --weights fake-quant --no-graph --new-tokens "${EAGER_TOKENS:-64}"
+        decode_run decode-power-fake-quant-graph --size 1.3b --arch mmfree --weights fake-quant \
+          --new-tokens "${DECODE_TOKENS:-256}"
+      fi ;;
     multi)
       # torchrun over MULTI_GPUS GPUs (default: all): FSDP2 train-memory per size with and without activation
       # checkpointing, beside its per-rank estimate on meta; then data-parallel decoding, one replica per GPU
@@ -71,6 +81,6 @@ for stage in "${STAGES[@]}"; do
       fi ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
+  tar czf "$OUT/runs.tgz.part" -C "$RUNS" . && mv "$OUT/runs.tgz.part" "$OUT/runs.tgz"
 done
-tar czf "$OUT/runs.tgz" -C "$RUNS" . && rm -rf "$RUNS"
 exit $status

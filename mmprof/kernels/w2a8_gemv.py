@@ -25,6 +25,9 @@ the next launch's input can instead add them up as it writes the row (`next_sums
 the next launch's norm_weights, its pre_weight, or "gate" after the "mlgru" epilogue)`, the buffer
 zeroed beforehand), and the next launch reads them (`sums=buffer`) and skips that pass.
 
+Each launch splits K over many programs; their int32 sums meet in a per-device workspace that every
+launch leaves zeroed, so launches on one device must not run concurrently on two streams.
+
 `w2a8_gemv_int` is the integer core alone (int8 input, int32 output), bit-exact against its twin
 (`w2a8_matmul_ref`, the small GEMM's, the same function).
 Every function has a plain-PyTorch twin (`*_ref`), used off CUDA and by the tests.
@@ -45,17 +48,30 @@ from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
 
-_GPU_CONFIGS = [
-    ({"BLOCK_N": bn, "BLOCK_KW": kw}, warps)
-    for bn, kw, warps in [(4, 64, 4), (8, 64, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8),
-                          (16, 128, 8)]
-]  # fmt: skip
+_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [(32, 32, 4), (64, 32, 4), (128, 32, 8),
+                                                                             (64, 64, 8)]]  # fmt: skip
+_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
 _kernel = triton.autotune(
-    configs=autotune_configs(_GPU_CONFIGS, interpret={"BLOCK_N": 4, "BLOCK_KW": 2}),
+    configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
     key=["N", "K", "NT", "EPILOGUE"],
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(tri.w2a8_gemv_kernel)
+)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"]})(tri.w2a8_gemv_kernel))
+_SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _kernel.configs)
+_workspaces: dict[torch.device, Tensor] = {}
+
+
+def _workspace(device: torch.device, ints: int) -> Tensor:
+    """The device's zeroed int32 scratch for split-K sums and arrival counts (each launch leaves
+    what it used zeroed). Grown outside CUDA-graph capture only: a step is run once before capture."""
+    buf = _workspaces.get(device)
+    if buf is None or buf.numel() < ints:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w2a8_gemv: run each shape once before capturing it in a CUDA graph "
+                               "(its split-K workspace is allocated on first use)")  # fmt: skip
+        buf = torch.zeros(max(ints, 1 << 16), dtype=torch.int32, device=device)
+        _workspaces[device] = buf
+    return buf
 
 
 def _check(x, packed, features, parts, nq, norm_weights, w_scales):
@@ -125,17 +141,19 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     for t in (res, h, st_in, st_out):
         if t is not None and not t.is_contiguous():
             raise ValueError("residual, state and sums buffers must be contiguous")
-    k = x.shape[1]
+    k, m = x.shape[1], x.shape[0]
     a_rows = a is not None and a.dim() == 2
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])  # noqa: E731
+    sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
+    work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
     with device_guard(x):
         _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
-            ptr(st_out), ptr(na), ptr(nb),
+            ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:],
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
-            HAS_LB=lb is not None, USE_DP4A=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
+            HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
             NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),
         )  # fmt: skip
 

@@ -1,20 +1,24 @@
 """The Triton kernel behind `w2a8_gemv`: a few rows of activations times packed ternary weights.
 
-Grid: (output blocks of BLOCK_N rows, input rows m). One program:
+Grid: (output blocks of BLOCK_N rows, slices of 16*BLOCK_KW inputs, input rows m). Each program
+loads its whole weight tile at once (one tile per program, so many loads are in flight), then:
 
 1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b| - read
    from ST_IN when the launch that wrote x summed them, else computed in a pass over the row; from
    them the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
-2. the product: each chunk of 16*BLOCK_KW inputs is quantised to int8 in registers, four at a time
-   packed into one int32 word, and combined with the 2-bit weight codes of the same 16 inputs by
-   `dp4a` (a 4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the
-   sum of the quantised inputs is subtracted once per row at the end. No weight is ever multiplied:
-   the only products are the integer dot products on the decoded codes;
-3. the epilogue, and (NQN > 0) this program's share of the statistics of the row it wrote, for the
-   launch that reads it next, added to ST_OUT with atomics.
+2. the product: its slice of the inputs is quantised to int8 in registers, four at a time packed
+   into one int32 word, and combined with the 2-bit weight codes of the same inputs by `dp4a` (a
+   4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the sum of the
+   quantised inputs is subtracted once per row. No weight is ever multiplied: the only products are
+   the integer dot products on the decoded codes;
+3. split K: the slices' int32 sums are added into the workspace ACC with atomics (exact in any
+   order); each program then counts itself in CNT, and the one that arrives last reads the totals,
+   zeroes ACC and its count for the next launch, and runs the epilogue, with (NQN > 0) its share of
+   the statistics of the row it wrote, for the launch that reads it next, added to ST_OUT with
+   atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
 
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
-out byte by byte, which gives the same int32 result.
+out byte by byte, which gives the same int32 result, and cvt.rni by floor-based rounding half to even.
 
 Epilogues (EPILOGUE): 0 raw int32 sums (input already int8), 1 store, 2 add a residual,
 3 MLGRU step (parts i, f, g: gates, state update in place, the g_norm gate's inputs), 4 GLU
@@ -30,9 +34,9 @@ EPI_INT, EPI_STORE, EPI_RESIDUAL, EPI_MLGRU, EPI_GLU = (tl.constexpr(v) for v in
 
 
 @triton.jit
-def _dot4(xw, codes, acc, USE_DP4A: tl.constexpr):
+def _dot4(xw, codes, acc, USE_PTX: tl.constexpr):
     """acc + the dot product of the 4 signed bytes of xw with the 4 unsigned bytes of codes."""
-    if USE_DP4A:
+    if USE_PTX:
         out = tl.inline_asm_elementwise(
             "dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [xw, codes, acc],
             dtype=tl.int32, is_pure=True, pack=1,
@@ -45,11 +49,16 @@ def _dot4(xw, codes, acc, USE_DP4A: tl.constexpr):
 
 
 @triton.jit
-def _quantize(xa, b_ptr, offs, mask, mult):
-    """int8 levels (as int32) of xa * b * mult, rounded half to even and clamped to [-128, 127]."""
+def _quantize(xa, b_ptr, offs, mask, mult, USE_PTX: tl.constexpr):
+    """int8 levels (as int32) of xa * b * mult, clamped to [-128, 127] and rounded half to even (the
+    bounds are integers, so clamping first gives the same levels) by one cvt.rni on a GPU."""
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = round_half_even(xa * b * mult)
-    return tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
+    v = tl.minimum(tl.maximum(xa * b * mult, -128.0), 127.0)
+    if USE_PTX:
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        q = round_half_even(v).to(tl.int32)
+    return q
 
 
 @triton.jit
@@ -100,15 +109,28 @@ def _next_sums(v, a, nb_ptr, rn, nmask, N, st_ptr, NQN: tl.constexpr, NEXT_PRE: 
 
 @triton.jit
 def w2a8_gemv_kernel(
-    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB,
+    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB, ACC, CNT,
     N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
-    NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_DP4A: tl.constexpr,
-    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr,
-    STATS_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
+    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    # the weight tile first: nothing it needs has to be waited for
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    wcol = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    wmask = nmask[:, None] & (wcol < KW)[None, :]
+    w_off = rn[:, None] * KW + wcol[None, :]
+    w0 = tl.load(W + w_off, mask=wmask, other=0)
+    if NT > 1:
+        w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
+    if NT > 2:
+        w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
+
     x_row = X + m * stride_x
     a_row = A
     if A_ROWS:
@@ -134,9 +156,7 @@ def w2a8_gemv_kernel(
         mult1 = rowmult * (127.0 / amax1)
         mult2 = rowmult * (127.0 / amax2)
 
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    jw = tl.arange(0, BLOCK_KW)
+    # this program's slice of the inputs, quantised and packed four to a word, times the codes
     bb = tl.arange(0, 4)
     shifts = 8 * bb
     acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
@@ -145,85 +165,103 @@ def w2a8_gemv_kernel(
     qs0 = tl.zeros([BLOCK_KW], tl.int32)
     qs1 = tl.zeros([BLOCK_KW], tl.int32)
     qs2 = tl.zeros([BLOCK_KW], tl.int32)
-    for kw0 in range(0, KW, BLOCK_KW):
-        wcol = kw0 + jw
-        wmask = nmask[:, None] & (wcol < KW)[None, :]
-        w_off = rn[:, None] * KW + wcol[None, :]
-        w0 = tl.load(W + w_off, mask=wmask, other=0)
-        if NT > 1:
-            w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
-        if NT > 2:
-            w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
-        for s in tl.static_range(4):
-            offs = kw0 * 16 + jw[:, None] * 16 + 4 * s + bb[None, :]
-            kmask = offs < K
-            if EPILOGUE == EPI_INT:
-                q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
-            else:
-                xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                if HAS_PRE:
-                    xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                q0 = _quantize(xa, B, offs, kmask, mult0)
-            qs0 += tl.sum(q0, axis=1)
-            x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-            acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_DP4A)
-            if NT > 1:
-                if SHARED_QUANT:
-                    x1 = x0
-                else:
-                    q1 = _quantize(xa, B + K, offs, kmask, mult1)
-                    qs1 += tl.sum(q1, axis=1)
-                    x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_DP4A)
-            if NT > 2:
-                q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2)
-                qs2 += tl.sum(q2, axis=1)
-                x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_DP4A)
-
-    out_row = OUT + m * stride_out
-    i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
-    if EPILOGUE == EPI_INT:  # one part, input already int8
-        tl.store(out_row + rn, i0, mask=nmask)
-    else:
-        y0 = i0.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+    for s in tl.static_range(4):
+        offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
+        kmask = offs < K
+        if EPILOGUE == EPI_INT:
+            q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+        else:
+            xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
+        qs0 += tl.sum(q0, axis=1)
+        x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+        acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
         if NT > 1:
             if SHARED_QUANT:
-                y1 = (tl.sum(acc1, axis=1) - tl.sum(qs0)).to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+                x1 = x0
             else:
-                y1 = (tl.sum(acc1, axis=1) - tl.sum(qs1)).to(tl.float32) * (amax1 / 127.0) * tl.load(WS + 1)
+                q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
+                qs1 += tl.sum(q1, axis=1)
+                x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
         if NT > 2:
-            y2 = (tl.sum(acc2, axis=1) - tl.sum(qs2)).to(tl.float32) * (amax2 / 127.0) * tl.load(WS + 2)
-        if EPILOGUE == EPI_STORE:
-            tl.store(out_row + rn, y0, mask=nmask)
+            q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
+            qs2 += tl.sum(q2, axis=1)
+            x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
+    i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
+    if NT > 1:
+        if SHARED_QUANT:
+            i1 = tl.sum(acc1, axis=1) - tl.sum(qs0)
+        else:
+            i1 = tl.sum(acc1, axis=1) - tl.sum(qs1)
+    if NT > 2:
+        i2 = tl.sum(acc2, axis=1) - tl.sum(qs2)
+
+    # split K: the slices' sums meet in ACC; the program that adds the last one finishes the rows
+    is_last = True
+    if not ONE_SPLIT:
+        acc_row = ACC + m * NT * N
+        tl.atomic_add(acc_row + rn, i0, mask=nmask, sem="relaxed")
+        if NT > 1:
+            tl.atomic_add(acc_row + N + rn, i1, mask=nmask, sem="relaxed")
+        if NT > 2:
+            tl.atomic_add(acc_row + 2 * N + rn, i2, mask=nmask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the count is released
+        count = CNT + m * tl.num_programs(0) + pid_n
+        is_last = tl.atomic_add(count, 1, sem="acq_rel") == tl.num_programs(1) - 1
+    if is_last:
+        if not ONE_SPLIT:  # read the totals and leave ACC and the count zeroed for the next launch
+            i0 = tl.atomic_xchg(acc_row + rn, tl.zeros_like(i0), mask=nmask, sem="relaxed")
             if NT > 1:
-                tl.store(out_row + N + rn, y1, mask=nmask)
+                i1 = tl.atomic_xchg(acc_row + N + rn, tl.zeros_like(i0), mask=nmask, sem="relaxed")
             if NT > 2:
-                tl.store(out_row + 2 * N + rn, y2, mask=nmask)
-        elif EPILOGUE == EPI_RESIDUAL:
-            v = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32) + y0
-            tl.store(out_row + rn, v, mask=nmask)
-        elif EPILOGUE == EPI_MLGRU:
-            f = tl.sigmoid(y1)
-            if HAS_LB:
-                lb = tl.load(LB + rn, mask=nmask, other=0.0)
-                f = lb + (1.0 - lb) * f
-            i = y0 * tl.sigmoid(y0) * (1.0 - f)
-            h = f * tl.load(H + m * N + rn, mask=nmask, other=0.0) + i
-            tl.store(H + m * N + rn, h, mask=nmask)
-            tl.store(out_row + rn, y2, mask=nmask)
-            gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
-            gate = gw * h * tl.sigmoid(h)
-            tl.store(OUT2 + m * N + rn, gate, mask=nmask)
-            v = y2
-        else:  # EPI_GLU
-            v = y0 * tl.sigmoid(y0) * y1
-            tl.store(out_row + rn, v, mask=nmask)
-        if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
-            if NEXT_A == 1:
-                a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
-            elif NEXT_A == 2:
-                a_next = gate
-            else:
-                a_next = v
-            _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)
+                i2 = tl.atomic_xchg(acc_row + 2 * N + rn, tl.zeros_like(i0), mask=nmask, sem="relaxed")
+            tl.atomic_xchg(count, 0, sem="relaxed")
+        out_row = OUT + m * stride_out
+        if EPILOGUE == EPI_INT:  # one part, input already int8
+            tl.store(out_row + rn, i0, mask=nmask)
+        else:
+            y0 = i0.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+            if NT > 1:
+                if SHARED_QUANT:
+                    y1 = i1.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+                else:
+                    y1 = i1.to(tl.float32) * (amax1 / 127.0) * tl.load(WS + 1)
+            if NT > 2:
+                y2 = i2.to(tl.float32) * (amax2 / 127.0) * tl.load(WS + 2)
+            if EPILOGUE == EPI_STORE:
+                tl.store(out_row + rn, y0, mask=nmask)
+                if NT > 1:
+                    tl.store(out_row + N + rn, y1, mask=nmask)
+                if NT > 2:
+                    tl.store(out_row + 2 * N + rn, y2, mask=nmask)
+            elif EPILOGUE == EPI_RESIDUAL:
+                v = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32) + y0
+                tl.store(out_row + rn, v, mask=nmask)
+            elif EPILOGUE == EPI_MLGRU:
+                f = tl.sigmoid(y1)
+                if HAS_LB:
+                    lb = tl.load(LB + rn, mask=nmask, other=0.0)
+                    f = lb + (1.0 - lb) * f
+                i = y0 * tl.sigmoid(y0) * (1.0 - f)
+                h = f * tl.load(H + m * N + rn, mask=nmask, other=0.0) + i
+                tl.store(H + m * N + rn, h, mask=nmask)
+                tl.store(out_row + rn, y2, mask=nmask)
+                gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
+                gate = gw * h * tl.sigmoid(h)
+                tl.store(OUT2 + m * N + rn, gate, mask=nmask)
+                v = y2
+            else:  # EPI_GLU
+                v = y0 * tl.sigmoid(y0) * y1
+                tl.store(out_row + rn, v, mask=nmask)
+            if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
+                if NEXT_A == 1:
+                    a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
+                elif NEXT_A == 2:
+                    a_next = gate
+                else:
+                    a_next = v
+                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)

@@ -1,0 +1,93 @@
+"""Where a packed MatMul-free decode step spends its time on a GPU: the step replayed from a CUDA
+graph (as `decode-power` runs it), and each kernel inside that graph as the CUDA profiler sees it.
+
+The model's buffers are random (valid 2-bit codes, unit norms): the kernels do the same work
+whatever the weights. For each size it prints the step's time, the sum of its kernels' times (the
+rest is the gaps between launches) and the kernels grouped by name, longest first.
+
+    python scripts/profile_packed_step.py --sizes 1.3b,13b --out step-profile.csv
+"""
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mmprof.profiler import time_fn  # noqa: E402
+from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
+from mmprof.workloads.presets import get_config  # noqa: E402
+
+REPLAYS = 10
+
+
+def random_packed_model(size: str) -> PackedMMFreeLM:
+    model = PackedMMFreeLM(get_config(size), device="cuda")
+    for buf in model.buffers():
+        if buf.dtype == torch.int32:  # packed words: every 2-bit code 0 or 1 (weights -1 and 0)
+            buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, dtype=torch.int32, device="cuda") & 0x55555555)
+    model.embeddings.weight.normal_(0, 0.02)
+    return model
+
+
+def profile_step(size: str, batch: int):
+    model = random_packed_model(size)
+    state = model.init_state(batch)
+    ids = torch.zeros(batch, dtype=torch.long, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, autotune, allocate outside the capture
+            model.step(ids, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step(ids, state)
+    step_us = time_fn(graph.replay, warmup=5, repeats=50, device="cuda").median_s * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPLAYS):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
+            per_name[ev.name][0] += 1
+            per_name[ev.name][1] += ev.device_time_total
+    kernels = sorted(((name, calls / REPLAYS, total / REPLAYS) for name, (calls, total) in per_name.items()),
+                     key=lambda r: -r[2])  # fmt: skip
+    del graph, model
+    torch.cuda.empty_cache()
+    return step_us, kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1.3b,13b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default=None, help="CSV file to write")
+    args = ap.parse_args()
+    rows = []
+    with torch.inference_mode():
+        for size in args.sizes.split(","):
+            step_us, kernels = profile_step(size, args.batch)
+            busy = sum(us for _, _, us in kernels)
+            launches = sum(calls for _, calls, _ in kernels)
+            print(f"{size}: step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
+                  f"{launches:.0f} launches, gaps {step_us - busy:.1f} us on {torch.cuda.get_device_name()}")
+            for name, calls, us in kernels:
+                print(f"  {us:9.1f} us {calls:6.1f} calls {us / calls:8.2f} us/call  {name[:90]}")
+                rows.append([size, args.batch, step_us, name, calls, us])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            csv.writer(f).writerows([["size", "batch", "step_us", "kernel", "calls_per_step", "kernel_us_per_step"]]
+                                    + rows)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
