@@ -7,7 +7,8 @@ prints microseconds per call, GB/s and the fraction of the GPU's measured copy b
 each GEMV shape the same product with bf16 weights through F.linear (cuBLAS) is timed: the
 Transformer++ baseline's cost for a matrix of that shape.
 
-Bytes are counted analytically: packed weights + scales + norm weights + inputs read once, outputs
+Each GEMV reads its input's row statistics from a buffer, as in a decode step (where the launch that
+wrote the input summed them). Bytes are counted analytically: packed weights + scales + norm weights + inputs read once, outputs
 written once. Every call reads a different copy of the weights (enough copies to overflow the L2
 cache), and 20 calls are replayed from one CUDA graph, so a figure is what a decode step sees:
 weights streamed from HBM, no host launch overhead.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mmprof.kernels.ternary_pack import pack_weight  # noqa: E402
-from mmprof.kernels.w2a8_gemv import w2a8_gemv  # noqa: E402
+from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv  # noqa: E402
 from mmprof.profiler import copy_bandwidth_gbps, time_fn  # noqa: E402
 from mmprof.workloads.presets import get_config  # noqa: E402
 
@@ -84,8 +85,9 @@ def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
     extra = dict(residual=res) if epilogue == "residual" else {}
     if epilogue == "mlgru":
         extra = dict(state=state, lower_bound=torch.rand(n, device="cuda"), gate_weight=pre.new_ones(n))
+    sums = row_sums_ref(x, norms, pre)  # as in a decode step, the launch that wrote x summed them
     calls = [lambda p=p: w2a8_gemv(x, norms, p, scales, parts=parts, shared_quant=shared, pre_weight=pre,
-                                   epilogue=epilogue, **extra) for p in copies]  # fmt: skip
+                                   epilogue=epilogue, sums=sums, **extra) for p in copies]  # fmt: skip
     us = _graph_time_us(calls)
     outs = {"store": parts, "residual": 1, "glu": 1, "mlgru": 2}[epilogue]
     nbytes = wbytes + 4 * (nq + 1) * k + 4 * batch * (k + (outs + (epilogue in ("residual", "mlgru"))) * n)

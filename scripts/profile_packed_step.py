@@ -3,7 +3,9 @@ graph (as `decode-power` runs it), and each kernel inside that graph as the CUDA
 
 The model's buffers are random (valid 2-bit codes, unit norms): the kernels do the same work
 whatever the weights. For each size it prints the step's time, the sum of its kernels' times (the
-rest is the gaps between launches) and the kernels grouped by name, longest first.
+rest is the gaps between launches) and the kernels grouped by name, longest first; the W2A8 GEMV
+launches by their place in a layer (layer 0's first launch apart: it computes its input's row
+statistics itself).
 
     python scripts/profile_packed_step.py --sizes 1.3b,13b --out step-profile.csv
 """
@@ -24,6 +26,7 @@ from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
 from mmprof.workloads.presets import get_config  # noqa: E402
 
 REPLAYS = 10
+LAUNCHES = ("ifg+mlgru", "o_proj+residual", "gate_proj+glu", "down_proj+residual")  # a layer's, in order
 
 
 def random_packed_model(size: str) -> PackedMMFreeLM:
@@ -54,10 +57,19 @@ def profile_step(size: str, batch: int):
             graph.replay()
         torch.cuda.synchronize()
     per_name = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
-            per_name[ev.name][0] += 1
-            per_name[ev.name][1] += ev.device_time_total
+    events = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                     and ev.device_time_total > 0), key=lambda ev: ev.time_range.start)  # fmt: skip
+    gemvs_per_step = 4 * model.config.num_layers + 1
+    gemv = 0
+    for ev in events:
+        name = ev.name
+        if name.startswith("w2a8_gemv"):  # the step's launches in order: 4 per layer, then the head
+            n = gemv % gemvs_per_step
+            name = f"w2a8_gemv {'lm_head' if n == gemvs_per_step - 1 else LAUNCHES[n % 4]}"
+            name += " (layer 0)" if n == 0 else ""
+            gemv += 1
+        per_name[name][0] += 1
+        per_name[name][1] += ev.device_time_total
     kernels = sorted(((name, calls / REPLAYS, total / REPLAYS) for name, (calls, total) in per_name.items()),
                      key=lambda r: -r[2])  # fmt: skip
     del graph, model

@@ -40,7 +40,7 @@ import triton
 from torch import Tensor
 
 from mmprof.kernels import w2a8_gemv_triton as tri
-from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend
+from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend, sm_count
 from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
 from mmprof.kernels.ternary_pack import packed_words
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
@@ -52,11 +52,26 @@ _GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [(
                                                                              (64, 64, 8)]]  # fmt: skip
 _INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
+PROGRAMS_PER_SM = 4  # K is split until a launch has about this many programs per SM (each slice at least one tile)
+
+
+def _splits(n: int, words: int, rows: int, block_n: int, block_kw: int) -> int:
+    """Slices of K per output block: enough programs to keep every SM streaming weights, each
+    slice at least one tile (two slices at most under the interpreter: small, and still split)."""
+    tiles = triton.cdiv(words, block_kw)
+    if interpreting():
+        return min(tiles, 2)
+    blocks = triton.cdiv(n, block_n) * rows
+    target = PROGRAMS_PER_SM * sm_count(torch.cuda.current_device())
+    return max(1, min(tiles, round(target / blocks)))
+
+
 _kernel = triton.autotune(
     configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
-    key=["N", "K", "NT", "EPILOGUE"],
+    key=["N", "K", "M", "NT", "EPILOGUE"],
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"]})(tri.w2a8_gemv_kernel))
+)(triton.heuristics({"ONE_SPLIT": lambda a: _splits(a["N"], a["KW"], a["M"], a["BLOCK_N"], a["BLOCK_KW"]) == 1})(
+    tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _kernel.configs)
 _workspaces: dict[torch.device, Tensor] = {}
 
@@ -145,13 +160,14 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     a_rows = a is not None and a.dim() == 2
     sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         _splits(n, packed.shape[1], m, meta["BLOCK_N"], meta["BLOCK_KW"]), m)
     ptr = lambda t: out if t is None else t  # noqa: E731
     with device_guard(x):
         _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
             ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:],
-            n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
+            m, n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
             NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),

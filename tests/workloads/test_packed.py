@@ -99,9 +99,11 @@ def test_static_decoder_resets_on_prefill():
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
+    """fp32 on both sides, so the packed path's differences are its own (float statistics summed in
+    another order, a level on a rounding edge flipping), not bf16 activations'."""
     torch.manual_seed(4)
     cfg = get_config("370m").replace(num_layers=4)
-    model = build_model("mmfree", cfg, bitlinear="fused", device="cuda", dtype=torch.bfloat16, seed=1).eval()
+    model = build_model("mmfree", cfg, bitlinear="fused", device="cuda", dtype=torch.float32, seed=1).eval()
     packed = PackedMMFreeLM.from_model(model)
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), device="cuda")
     expected = reference_logits(model, ids)
@@ -109,9 +111,8 @@ def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
     graphed = GraphDecoder(packed.static_decoder(batch, 40), use_graph=True)
     for dec in (eager, graphed):
         logits = [dec.prefill(ids[:, :32])] + [dec.step(ids[:, t]) for t in range(32, 40)]
-        got = torch.stack(logits, dim=1)
-        # bf16 fake-quant activations against the packed path's fp32 ones
-        assert rel_rms_error(got, expected[:, 31:]) < 3e-2
+        errors = [rel_rms_error(a, b) for a, b in zip(logits, expected[:, 31:].unbind(1))]
+        assert max(errors) < 1e-2, errors
     for t in range(2):
         eager.prefill(ids[:, :32])
         graphed.prefill(ids[:, :32])
