@@ -1,12 +1,13 @@
 """The Triton kernel behind `w2a8_gemv`: a few rows of activations times packed ternary weights.
 
-Grid: (output blocks of BLOCK_N rows, slices of the inputs, input rows m). A slice is a whole number
+Grid: (output blocks of BLOCK_N rows, slices of the inputs (about PER_SM programs per SM, read by
+the launcher), input rows m). A slice is a whole number
 of tiles of 16*BLOCK_KW inputs; the program walks them with the next tile's load in flight while it
 works on the current one. Per tile:
 
 1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b| - read
    from ST_IN when the launch that wrote x summed them, else computed in a pass over the row; from
-   them the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
+   them (adding up the SLOTS copies the producer spread them over) the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
 2. the product: the tile's inputs are quantised to int8 in registers, four at a time packed
    into one int32 word, and combined with the 2-bit weight codes of the same inputs by `dp4a` (a
    4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the sum of the
@@ -16,7 +17,7 @@ works on the current one. Per tile:
    order); each program then counts itself in CNT, and the one that arrives last reads the totals,
    zeroes ACC and its count for the next launch, and runs the epilogue, with (NQN > 0) its share of
    the statistics of the row it wrote, for the launch that reads it next, added to ST_OUT with
-   atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
+   atomics (into copy pid_n % SLOTS, so that the blocks' atomics spread over many addresses). With one slice (ONE_SPLIT) the program runs the epilogue directly.
 
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
 out byte by byte, which gives the same int32 result, and cvt.rni by floor-based rounding half to even.
@@ -130,8 +131,8 @@ def w2a8_gemv_kernel(
     M, N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
-    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, SLOTS: tl.constexpr, STATS_BLOCK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PER_SM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -151,12 +152,13 @@ def w2a8_gemv_kernel(
     if A_ROWS:
         a_row = A + m * stride_a
     if EPILOGUE != EPI_INT:
-        if HAS_ST_IN:  # the producer of x summed them
-            ss1 = tl.load(ST_IN + m * 5)
-            ss2 = tl.load(ST_IN + m * 5 + 1)
-            s0 = tl.load(ST_IN + m * 5 + 2)
-            s1 = tl.load(ST_IN + m * 5 + 3)
-            s2 = tl.load(ST_IN + m * 5 + 4)
+        if HAS_ST_IN:  # the producer of x summed them, into SLOTS copies
+            st = ST_IN + m * SLOTS * 5 + tl.arange(0, SLOTS) * 5
+            ss1 = tl.sum(tl.load(st))
+            ss2 = tl.sum(tl.load(st + 1))
+            s0 = tl.max(tl.load(st + 2))
+            s1 = tl.max(tl.load(st + 3))
+            s2 = tl.max(tl.load(st + 4))
         else:
             ss1, ss2, s0, s1, s2 = _row_sums(x_row, a_row, B, K, NQ, HAS_PRE, STATS_BLOCK)
         if HAS_PRE:
@@ -287,4 +289,4 @@ def w2a8_gemv_kernel(
                     a_next = gate
                 else:
                     a_next = v
-                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)
+                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + (m * SLOTS + pid_n % SLOTS) * 5, NQN, NEXT_A != 0)

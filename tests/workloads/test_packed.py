@@ -99,11 +99,12 @@ def test_static_decoder_resets_on_prefill():
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4])
 def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
-    """fp32 on both sides, so the packed path's differences are its own (float statistics summed in
-    another order, a level on a rounding edge flipping), not bf16 activations'."""
+    """fp32 on both sides and the plain-PyTorch BitLinear as the reference, so the packed path's
+    differences are its own (float statistics summed in another order, a level on a rounding edge
+    flipping), not bf16 activations' or another kernel's."""
     torch.manual_seed(4)
     cfg = get_config("370m").replace(num_layers=4)
-    model = build_model("mmfree", cfg, bitlinear="fused", device="cuda", dtype=torch.float32, seed=1).eval()
+    model = build_model("mmfree", cfg, bitlinear="vanilla", device="cuda", dtype=torch.float32, seed=1).eval()
     packed = PackedMMFreeLM.from_model(model)
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), device="cuda")
     expected = reference_logits(model, ids)
