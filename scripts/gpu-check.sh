@@ -2,7 +2,7 @@
 # Everything that needs a real GPU, in one call of the device tool:
 #   scripts/gpu-check.sh [STAGE...]   stages: tests profiler kernels train w2a8 decode (default: all);
 #                                     decode is decode-packed decode-ctx2048 decode-reference, each a stage too
-#                                     and multi (torchrun on several GPUs; MULTI_GPUS, MULTI_SIZES, MULTI_BATCH,
+#                                     and multi (torchrun on several GPUs; MULTI_GPUS, MULTI_SIZES, MULTI_BATCH, MULTI_STEPS,
 #                                     MULTI_DECODE_SIZES ('' skips decoding); not in the default)
 # Writes run folders and logs beside $OUT (in $OUT.runs; OUT defaults to ./gpu-out) and packs them
 # into $OUT/runs.tgz after every stage: the one file that comes back (the device tool returns at most
@@ -13,12 +13,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests profiler kernels train w2a8 decode)
-RUNS="${OUT%/}.runs"
+RUNS="${RUNS_DIR:-${OUT%/}.runs}"  # outside $OUT: only the archive is to come back
 LOGS="$RUNS/logs"
 mkdir -p "$LOGS"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 || { cat "$LOGS/install.log"; exit 1; }
+# SKIP_INSTALL=1: the caller installed mmprof already (several copies of this script running at once)
+[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 \
+  || { cat "$LOGS/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.sm --format=csv | tee "$LOGS/gpu.txt"
 status=0
+pack() {  # the archive of everything so far, replaced whole (a call stopped mid-way keeps the last one)
+  tar czf "$OUT/runs.tgz.part" -C "$RUNS" . && mv "$OUT/runs.tgz.part" "$OUT/runs.tgz"
+}
 decode_run() {  # NAME ARGS...: one decode-power run folder, its log and its plot
   local name="$1"; shift
   timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power "$@" --out "$RUNS/$name" 2>&1 \
@@ -68,11 +73,12 @@ for stage in "${STAGES[@]}"; do
       for size in ${MULTI_SIZES:-2.7b 13b}; do
         ARGS=(--size "$size" --shard fsdp --arch mmfree,transformer --bitlinear fused --batch "${MULTI_BATCH:-1,2}"
               --seq 2048 --checkpointing none,layer)
-        timeout "${STAGE_TIMEOUT:-600}" "${TORCHRUN[@]}" -m mmprof train-memory "${ARGS[@]}" --steps 3 --warmup 2 \
+        timeout "${STAGE_TIMEOUT:-600}" "${TORCHRUN[@]}" -m mmprof train-memory "${ARGS[@]}" --steps "${MULTI_STEPS:-3}" --warmup "${MULTI_WARMUP:-2}" \
           --estimate --out "$RUNS/train-memory-fsdp-$size-x$NGPU" 2>&1 | tee "$LOGS/train-memory-fsdp-$size-x$NGPU.log" || status=1
         timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof train-memory "${ARGS[@]}" --device meta --world-size "$NGPU" \
           --out "$RUNS/train-memory-fsdp-$size-x$NGPU-estimate" 2>&1 | tee -a "$LOGS/train-memory-fsdp-$size-x$NGPU.log" || status=1
         python3 -m mmprof plot "$RUNS/train-memory-fsdp-$size-x$NGPU" --out "$RUNS/train-memory-fsdp-$size-x$NGPU/plot.png" || status=1
+        pack
       done
       if [ -n "${MULTI_DECODE_SIZES-2.7b}" ]; then
         timeout "${STAGE_TIMEOUT:-600}" "${TORCHRUN[@]}" -m mmprof decode-power --size "${MULTI_DECODE_SIZES:-2.7b}" \
@@ -81,6 +87,6 @@ for stage in "${STAGES[@]}"; do
       fi ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
-  tar czf "$OUT/runs.tgz.part" -C "$RUNS" . && mv "$OUT/runs.tgz.part" "$OUT/runs.tgz"
+  pack
 done
 exit $status
