@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mmprof.kernels.ternary_pack import pack_weight  # noqa: E402
-from mmprof.kernels.w2a8_gemv import new_sums, row_sums_ref, w2a8_gemv  # noqa: E402
+from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv  # noqa: E402
 from mmprof.profiler import copy_bandwidth_gbps, time_fn  # noqa: E402
 from mmprof.workloads.presets import get_config  # noqa: E402
 
@@ -85,8 +85,7 @@ def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
     extra = dict(residual=res) if epilogue == "residual" else {}
     if epilogue == "mlgru":
         extra = dict(state=state, lower_bound=torch.rand(n, device="cuda"), gate_weight=pre.new_ones(n))
-    sums = new_sums(batch, device="cuda")  # as in a decode step, the launch that wrote x summed them
-    sums[:, 0] = row_sums_ref(x, norms, pre)
+    sums = row_sums_ref(x, norms, pre)  # as in a decode step, the launch that wrote x summed them
     calls = [lambda p=p: w2a8_gemv(x, norms, p, scales, parts=parts, shared_quant=shared, pre_weight=pre,
                                    epilogue=epilogue, sums=sums, **extra) for p in copies]  # fmt: skip
     us = _graph_time_us(calls)

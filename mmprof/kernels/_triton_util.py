@@ -51,7 +51,7 @@ def autotune_configs(gpu: list[tuple[dict, int]], interpret: dict):
 
 
 @functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -59,7 +59,7 @@ def persistent_programs(device: torch.device, rows: int, per_sm: int = 8) -> int
     """How many programs a row-looping kernel launches: a few per SM on a GPU, at most `rows`."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(rows, sm_count(index) * per_sm))
+        return max(1, min(rows, _sm_count(index) * per_sm))
     return max(1, min(rows, 4))
 
 

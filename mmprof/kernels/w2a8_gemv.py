@@ -21,12 +21,9 @@ the inputs of the next call's norm-gate prologue), "glu" (silu(y_a) * y_b).
 
 Row statistics. The quantisation needs, per row, sum x^2, sum u^2 and max |u * b_p| (`row_sums_ref`).
 By default each program computes them in a first pass over its input row. A launch whose output is
-the next launch's input can instead add them up as it writes the row (`next_sums=(buffer, the next
-launch's norm_weights, its pre_weight, or "gate" after the "mlgru" epilogue)`), and the next launch
-reads them (`sums=buffer`) and skips that pass. The buffer (`new_sums`, zeroed) holds SUM_SLOTS
-copies of the five per row, [M, SUM_SLOTS, 5]: output block b adds its share into copy b % SUM_SLOTS,
-so hundreds of blocks do not queue on five addresses; the reader adds (and maxes) the copies up
-(`reduce_sums`).
+the next launch's input can instead add them up as it writes the row (`next_sums=(buffer [M, 5],
+the next launch's norm_weights, its pre_weight, or "gate" after the "mlgru" epilogue)`, the buffer
+zeroed beforehand), and the next launch reads them (`sums=buffer`) and skips that pass.
 
 Each launch splits K over many programs; their int32 sums meet in a per-device workspace that every
 launch leaves zeroed, so launches on one device must not run concurrently on two streams.
@@ -43,7 +40,7 @@ import triton
 from torch import Tensor
 
 from mmprof.kernels import w2a8_gemv_triton as tri
-from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend, sm_count
+from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend
 from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
 from mmprof.kernels.ternary_pack import packed_words
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
@@ -51,30 +48,15 @@ from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
 
-# (BLOCK_N, BLOCK_KW, programs per SM the K split aims at, warps): with 64 per SM each program takes
-# one tile (as many programs as tiles); with 4 it walks several, the next one's load in flight
-_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw, "PER_SM": per_sm}, warps)
-                for bn, kw, per_sm, warps in [(64, 32, 64, 4), (32, 32, 64, 4), (64, 32, 4, 4), (128, 32, 4, 8)]]
-_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2, "PER_SM": 4}
-SUM_SLOTS = 32  # copies of a row's statistics in a sums buffer (see the module docstring)
+_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [(32, 32, 4), (64, 32, 4), (128, 32, 8),
+                                                                             (64, 64, 8)]]  # fmt: skip
+_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
-def _splits(n: int, words: int, rows: int, block_n: int, block_kw: int, per_sm: int) -> int:
-    """Slices of K per output block: about per_sm programs per SM, each slice at least one tile (two
-    slices at most under the interpreter: small, and still split)."""
-    tiles = triton.cdiv(words, block_kw)
-    if interpreting():
-        return min(tiles, 2)
-    blocks = triton.cdiv(n, block_n) * rows
-    target = per_sm * sm_count(torch.cuda.current_device())
-    return max(1, min(tiles, round(target / blocks)))
-
-
 _kernel = triton.autotune(
     configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
-    key=["N", "K", "M", "NT", "EPILOGUE"],
+    key=["N", "K", "NT", "EPILOGUE"],
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(triton.heuristics({"ONE_SPLIT": lambda a: _splits(a["N"], a["KW"], a["M"], a["BLOCK_N"], a["BLOCK_KW"],
-                                                    a["PER_SM"]) == 1})(tri.w2a8_gemv_kernel))
+)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"]})(tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _kernel.configs)
 _workspaces: dict[torch.device, Tensor] = {}
 
@@ -159,24 +141,20 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     for t in (res, h, st_in, st_out):
         if t is not None and not t.is_contiguous():
             raise ValueError("residual, state and sums buffers must be contiguous")
-    for t in (st_in, st_out if nqn else None):
-        if t is not None and tuple(t.shape) != (x.shape[0], SUM_SLOTS, 5):
-            raise ValueError(f"a sums buffer is [rows, {SUM_SLOTS}, 5] (new_sums), got {tuple(t.shape)}")
     k, m = x.shape[1], x.shape[0]
     a_rows = a is not None and a.dim() == 2
     sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                         _splits(n, packed.shape[1], m, meta["BLOCK_N"], meta["BLOCK_KW"], meta["PER_SM"]), m)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
     with device_guard(x):
         _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
             ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:],
-            m, n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
+            n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
-            NEXT_A=next_kind, SLOTS=SUM_SLOTS, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),
+            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),
         )  # fmt: skip
 
 
@@ -197,16 +175,6 @@ def w2a8_gemv_int(q: Tensor, packed: Tensor, features: int, *, backend: str = "a
 # ---------------------------------------------------------------------------------------------
 
 
-def new_sums(rows: int, *lead: int, device=None) -> Tensor:
-    """A zeroed row-statistics buffer [*lead, rows, SUM_SLOTS, 5] for `next_sums` / `sums`."""
-    return torch.zeros(*lead, rows, SUM_SLOTS, 5, device=device)
-
-
-def reduce_sums(buf: Tensor) -> Tensor:
-    """[..., M, SUM_SLOTS, 5] -> [..., M, 5]: the copies added (sums) and maxed (maxima)."""
-    return torch.cat([buf[..., :2].sum(-2), buf[..., 2:].amax(-2)], dim=-1)
-
-
 def row_sums_ref(x: Tensor, norm_weights: Tensor, pre_weight: Tensor | None = None) -> Tensor:
     """[M, 5] fp32: sum x^2, sum (x*a)^2 (0 without a pre-norm) and max |x*a*b_p| for p < 3 (0 past
     the last part): what the kernel's statistics pass computes, and what `next_sums` accumulates."""
@@ -222,10 +190,10 @@ def row_sums_ref(x: Tensor, norm_weights: Tensor, pre_weight: Tensor | None = No
 
 
 def quantize_parts_ref(x, norm_weights, pre_weight=None, pre_eps=1e-6, eps=NORM_EPS, sums=None):
-    """(q [parts, M, K] int8, amax [parts, M]) as the kernel quantises (sums: a `new_sums` buffer)."""
+    """(q [parts, M, K] int8, amax [parts, M]) as the kernel quantises (sums: row_sums_ref's)."""
     xf = x.float()
     k = x.shape[1]
-    sums = row_sums_ref(x, norm_weights, pre_weight) if sums is None else reduce_sums(sums)
+    sums = row_sums_ref(x, norm_weights, pre_weight) if sums is None else sums
     if pre_weight is not None:
         u = xf * pre_weight.float()
         r1 = 1.0 / torch.sqrt(sums[:, 0] / k + pre_eps)
@@ -245,8 +213,8 @@ def _add_next_sums(next_sums, v, gate):
     buf, next_b, next_a = next_sums
     a = gate if isinstance(next_a, str) else next_a
     new = row_sums_ref(v, next_b, a)
-    buf[:, 0, :2] += new[:, :2]
-    buf[:, 0, 2:] = torch.maximum(buf[:, 0, 2:], new[:, 2:])
+    buf[:, :2] += new[:, :2]
+    buf[:, 2:] = torch.maximum(buf[:, 2:], new[:, 2:])
 
 
 def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=False, pre_weight=None,

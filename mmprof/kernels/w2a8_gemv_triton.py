@@ -1,14 +1,12 @@
 """The Triton kernel behind `w2a8_gemv`: a few rows of activations times packed ternary weights.
 
-Grid: (output blocks of BLOCK_N rows, slices of the inputs (about PER_SM programs per SM, read by
-the launcher), input rows m). A slice is a whole number
-of tiles of 16*BLOCK_KW inputs; the program walks them with the next tile's load in flight while it
-works on the current one. Per tile:
+Grid: (output blocks of BLOCK_N rows, slices of 16*BLOCK_KW inputs, input rows m). Each program
+loads its whole weight tile at once (one tile per program, so many loads are in flight), then:
 
 1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b| - read
    from ST_IN when the launch that wrote x summed them, else computed in a pass over the row; from
-   them (adding up the SLOTS copies the producer spread them over) the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
-2. the product: the tile's inputs are quantised to int8 in registers, four at a time packed
+   them the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
+2. the product: its slice of the inputs is quantised to int8 in registers, four at a time packed
    into one int32 word, and combined with the 2-bit weight codes of the same inputs by `dp4a` (a
    4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the sum of the
    quantised inputs is subtracted once per row. No weight is ever multiplied: the only products are
@@ -17,7 +15,7 @@ works on the current one. Per tile:
    order); each program then counts itself in CNT, and the one that arrives last reads the totals,
    zeroes ACC and its count for the next launch, and runs the epilogue, with (NQN > 0) its share of
    the statistics of the row it wrote, for the launch that reads it next, added to ST_OUT with
-   atomics (into copy pid_n % SLOTS, so that the blocks' atomics spread over many addresses). With one slice (ONE_SPLIT) the program runs the epilogue directly.
+   atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
 
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
 out byte by byte, which gives the same int32 result, and cvt.rni by floor-based rounding half to even.
@@ -70,22 +68,6 @@ def _pack4(q, shifts):
 
 
 @triton.jit
-def _load_tile(W, rn, nmask, wcol, hi, N, KW, NT: tl.constexpr):
-    """Words wcol (< hi) of rows rn of each of the NT stacked parts ([BLOCK_N, BLOCK_KW] each; the
-    first again for parts that are absent, never read)."""
-    mask = nmask[:, None] & (wcol < hi)[None, :]
-    off = rn[:, None] * KW + wcol[None, :]
-    w0 = tl.load(W + off, mask=mask, other=0)
-    w1 = w0
-    w2 = w0
-    if NT > 1:
-        w1 = tl.load(W + N * KW + off, mask=mask, other=0)
-    if NT > 2:
-        w2 = tl.load(W + 2 * N * KW + off, mask=mask, other=0)
-    return w0, w1, w2
-
-
-@triton.jit
 def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum x^2, sum (x*a)^2 and max |x*a*b_p| (p < 3) of one input row (the statistics pass)."""
     ss1 = tl.zeros([BLOCK_K], tl.float32)
@@ -128,37 +110,38 @@ def _next_sums(v, a, nb_ptr, rn, nmask, N, st_ptr, NQN: tl.constexpr, NEXT_PRE: 
 @triton.jit
 def w2a8_gemv_kernel(
     X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB, ACC, CNT,
-    M, N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
+    N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
-    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, SLOTS: tl.constexpr, STATS_BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PER_SM: tl.constexpr,
+    HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    # this program's words of every row: [lo, hi), a whole number of tiles; its first tile is loaded
-    # before anything else (nothing it needs has to be waited for)
-    span = tl.cdiv(tl.cdiv(KW, tl.num_programs(1)), BLOCK_KW) * BLOCK_KW
-    lo = pid_k * span
-    hi = tl.minimum(lo + span, KW)
+    # the weight tile first: nothing it needs has to be waited for
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    jw = tl.arange(0, BLOCK_KW)
-    w0, w1, w2 = _load_tile(W, rn, nmask, lo + jw, hi, N, KW, NT)
+    wcol = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    wmask = nmask[:, None] & (wcol < KW)[None, :]
+    w_off = rn[:, None] * KW + wcol[None, :]
+    w0 = tl.load(W + w_off, mask=wmask, other=0)
+    if NT > 1:
+        w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
+    if NT > 2:
+        w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
 
     x_row = X + m * stride_x
     a_row = A
     if A_ROWS:
         a_row = A + m * stride_a
     if EPILOGUE != EPI_INT:
-        if HAS_ST_IN:  # the producer of x summed them, into SLOTS copies
-            st = ST_IN + m * SLOTS * 5 + tl.arange(0, SLOTS) * 5
-            ss1 = tl.sum(tl.load(st))
-            ss2 = tl.sum(tl.load(st + 1))
-            s0 = tl.max(tl.load(st + 2))
-            s1 = tl.max(tl.load(st + 3))
-            s2 = tl.max(tl.load(st + 4))
+        if HAS_ST_IN:  # the producer of x summed them
+            ss1 = tl.load(ST_IN + m * 5)
+            ss2 = tl.load(ST_IN + m * 5 + 1)
+            s0 = tl.load(ST_IN + m * 5 + 2)
+            s1 = tl.load(ST_IN + m * 5 + 3)
+            s2 = tl.load(ST_IN + m * 5 + 4)
         else:
             ss1, ss2, s0, s1, s2 = _row_sums(x_row, a_row, B, K, NQ, HAS_PRE, STATS_BLOCK)
         if HAS_PRE:
@@ -182,40 +165,32 @@ def w2a8_gemv_kernel(
     qs0 = tl.zeros([BLOCK_KW], tl.int32)
     qs1 = tl.zeros([BLOCK_KW], tl.int32)
     qs2 = tl.zeros([BLOCK_KW], tl.int32)
-    for kw0 in range(lo, hi, BLOCK_KW):
-        wcol = kw0 + jw
-        n0, n1, n2 = _load_tile(W, rn, nmask, wcol + BLOCK_KW, hi, N, KW, NT)  # the next tile, in flight
-        for s in tl.static_range(4):
-            offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
-            kmask = offs < K
-            if EPILOGUE == EPI_INT:
-                q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
-            else:
-                xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                if HAS_PRE:
-                    xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
-            qs0 += tl.sum(q0, axis=1)
-            x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-            acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
-            if NT > 1:
-                if SHARED_QUANT:
-                    x1 = x0
-                else:
-                    q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
-                    qs1 += tl.sum(q1, axis=1)
-                    x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
-            if NT > 2:
-                q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
-                qs2 += tl.sum(q2, axis=1)
-                x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
-        w0 = n0
+    for s in tl.static_range(4):
+        offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
+        kmask = offs < K
+        if EPILOGUE == EPI_INT:
+            q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+        else:
+            xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
+        qs0 += tl.sum(q0, axis=1)
+        x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+        acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
         if NT > 1:
-            w1 = n1
+            if SHARED_QUANT:
+                x1 = x0
+            else:
+                q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
+                qs1 += tl.sum(q1, axis=1)
+                x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
         if NT > 2:
-            w2 = n2
+            q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
+            qs2 += tl.sum(q2, axis=1)
+            x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
     i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
     if NT > 1:
         if SHARED_QUANT:
@@ -289,4 +264,4 @@ def w2a8_gemv_kernel(
                     a_next = gate
                 else:
                     a_next = v
-                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + (m * SLOTS + pid_n % SLOTS) * 5, NQN, NEXT_A != 0)
+                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)

@@ -26,7 +26,7 @@ from mmprof.kernels.bitlinear import NORM_EPS, rms_norm
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words
 from mmprof.kernels.w2a8_gemm import packed_bitlinear
-from mmprof.kernels.w2a8_gemv import new_sums, w2a8_gemv
+from mmprof.kernels.w2a8_gemv import w2a8_gemv
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.mmfree import layer_lower_bounds, mlgru_gates
 from mmprof.workloads.presets import ModelConfig
@@ -102,7 +102,7 @@ class PackedBlock(nn.Module):
 
     def step(self, x: Tensor, lower_bound: Tensor | None, state: Tensor, sums: Tensor, x_sums: Tensor | None,
              reader: tuple) -> Tensor:  # fmt: skip
-        """One token: x [B, d] -> the next residual [B, d]. sums [4, B, ...] are zeroed buffers for the
+        """One token: x [B, d] -> the next residual [B, d]. sums [4, B, 5] are zeroed buffers for the
         row statistics of the o_proj, down_proj and next inputs, summed by the launch writing each
         (`w2a8_gemv`'s next_sums); x_sums are x's (None: computed here); reader is (norm weights,
         pre-norm weight) of the launch that reads this layer's output."""
@@ -168,7 +168,7 @@ class PackedMMFreeLM(nn.Module):
         """ids [B] -> logits [B, vocab] fp32; state [layers, B, d] fp32 is updated in place."""
         x = self.embeddings(ids).float()
         layers, head = self.layers, self.lm_head
-        sums = new_sums(x.shape[0], len(layers), 4, device=x.device)
+        sums = x.new_zeros(len(layers), 4, x.shape[0], 5)
         x_sums = None
         for n, layer in enumerate(layers):
             reader = (layers[n + 1].ifg.norm, layers[n + 1].attn_norm) if n + 1 < len(layers) else (head.norm, self.norm)
