@@ -8,8 +8,8 @@ each GEMV shape the same product with bf16 weights through F.linear (cuBLAS) is 
 Transformer++ baseline's cost for a matrix of that shape.
 
 Each GEMV reads its input's row statistics from a buffer, as in a decode step (where the launch that
-wrote the input summed them). Bytes are counted analytically: packed weights + scales + norm weights + inputs read once, outputs
-written once. Every call reads a different copy of the weights (enough copies to overflow the L2
+wrote the input summed them). Bytes are counted analytically: packed weights + scales + norm
+weights + inputs read once, outputs written once. Every call reads a different copy of the weights (enough copies to overflow the L2
 cache), and 20 calls are replayed from one CUDA graph, so a figure is what a decode step sees:
 weights streamed from HBM, no host launch overhead.
 

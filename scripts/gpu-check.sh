@@ -24,6 +24,7 @@ status=0
 pack() {  # the archive of everything so far, replaced whole (a call stopped mid-way keeps the last one)
   tar czf "$OUT/runs.tgz.part" -C "$RUNS" . && mv "$OUT/runs.tgz.part" "$OUT/runs.tgz"
 }
+part_of() { [ "$stage" = decode ] || [ "$stage" = "$1" ]; }  # STAGE: asked for, alone or within decode
 decode_run() {  # NAME ARGS...: one decode-power run folder, its log and its plot
   local name="$1"; shift
   timeout "${STAGE_TIMEOUT:-600}" python3 -m mmprof decode-power "$@" --out "$RUNS/$name" 2>&1 \
@@ -51,16 +52,16 @@ for stage in "${STAGES[@]}"; do
         --out "$RUNS/profile-packed-step.csv" 2>&1 | tee "$LOGS/profile-packed-step.log" || status=1 ;;
     decode|decode-packed|decode-ctx2048|decode-reference)
       # decode-packed: both models decoded carefully (CUDA graphs; packed ternary weights, bf16 Transformer++)
-      if [ "$stage" = decode ] || [ "$stage" = decode-packed ]; then
+      if part_of decode-packed; then
         decode_run decode-power-packed --size "${DECODE_SIZES:-1.3b,2.7b,13b}" --weights packed \
           --new-tokens "${DECODE_TOKENS:-256}"
       fi
       # decode-ctx2048: 13b packed with a 2048-token context: prompt 1792 + 256 new tokens
-      if [ "$stage" = decode ] || [ "$stage" = decode-ctx2048 ]; then
+      if part_of decode-ctx2048; then
         decode_run decode-power-13b-ctx2048 --size 13b --arch mmfree --weights packed --prompt-len 1792 --new-tokens 256
       fi
       # decode-reference: the reference's way at 1.3b, fake-quant bf16 weights, eager and graphed
-      if [ "$stage" = decode ] || [ "$stage" = decode-reference ]; then
+      if part_of decode-reference; then
         decode_run decode-power-eager --size 1.3b --weights fake-quant --no-graph --new-tokens "${EAGER_TOKENS:-64}"
         decode_run decode-power-fake-quant-graph --size 1.3b --arch mmfree --weights fake-quant \
           --new-tokens "${DECODE_TOKENS:-256}"

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mmprof.profiler import time_fn  # noqa: E402
+from mmprof.workloads.decode import GraphDecoder  # noqa: E402
 from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
 from mmprof.workloads.presets import get_config  # noqa: E402
 
@@ -38,19 +39,18 @@ def random_packed_model(size: str) -> PackedMMFreeLM:
     return model
 
 
+def graphed_decoder(model: PackedMMFreeLM, batch: int, device="cuda") -> GraphDecoder:
+    """The step as `decode-power` replays it: a GraphDecoder captures it at its first prefill (its
+    `graph` writes into the decoder's buffers: keep the decoder while replaying)."""
+    dec = GraphDecoder(model.static_decoder(batch, 2), use_graph=True)
+    dec.prefill(torch.zeros(batch, 1, dtype=torch.long, device=device))
+    return dec
+
+
 def profile_step(size: str, batch: int):
     model = random_packed_model(size)
-    state = model.init_state(batch)
-    ids = torch.zeros(batch, dtype=torch.long, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile, autotune, allocate outside the capture
-            model.step(ids, state)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.step(ids, state)
+    dec = graphed_decoder(model, batch)
+    graph = dec.graph
     step_us = time_fn(graph.replay, warmup=5, repeats=50, device="cuda").median_s * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
@@ -72,7 +72,7 @@ def profile_step(size: str, batch: int):
         per_name[name][1] += ev.device_time_total
     kernels = sorted(((name, calls / REPLAYS, total / REPLAYS) for name, (calls, total) in per_name.items()),
                      key=lambda r: -r[2])  # fmt: skip
-    del graph, model
+    del graph, dec, model
     torch.cuda.empty_cache()
     return step_us, kernels
 
