@@ -5,7 +5,9 @@ The model's buffers are random (valid 2-bit codes, unit norms): the kernels do t
 whatever the weights. For each size it prints the step's time, the sum of its kernels' times (the
 rest is the gaps between launches) and the kernels grouped by name, longest first; the W2A8 GEMV
 launches by their place in a layer (layer 0's first launch apart: it computes its input's row
-statistics itself).
+statistics itself). `--launch both` measures each size twice: GEMVs launched plainly, and with
+programmatic dependent launch (each launch loads its weights while the previous one finishes; with
+overlapping kernels the per-kernel sums exceed the step and the "gaps" go negative).
 
     python scripts/profile_packed_step.py --sizes 1.3b,13b --out step-profile.csv
 """
@@ -21,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mmprof.kernels import w2a8_gemv  # noqa: E402
 from mmprof.profiler import time_fn  # noqa: E402
 from mmprof.workloads.decode import GraphDecoder  # noqa: E402
 from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
@@ -81,23 +84,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1.3b,13b")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--launch", choices=["plain", "dependent", "both"], default="dependent",
+                    help="how the GEMVs are launched: plainly or with programmatic dependent launch")
     ap.add_argument("--out", default=None, help="CSV file to write")
     args = ap.parse_args()
     rows = []
+    modes = ["plain", "dependent"] if args.launch == "both" else [args.launch]
     with torch.inference_mode():
-        for size in args.sizes.split(","):
+        for size, mode in ((size, mode) for size in args.sizes.split(",") for mode in modes):
+            w2a8_gemv.DEPENDENT_LAUNCH = mode == "dependent"
             step_us, kernels = profile_step(size, args.batch)
             busy = sum(us for _, _, us in kernels)
             launches = sum(calls for _, calls, _ in kernels)
-            print(f"{size}: step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
+            print(f"{size} ({mode} launches): step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
                   f"{launches:.0f} launches, gaps {step_us - busy:.1f} us on {torch.cuda.get_device_name()}")
             for name, calls, us in kernels:
                 print(f"  {us:9.1f} us {calls:6.1f} calls {us / calls:8.2f} us/call  {name[:90]}")
-                rows.append([size, args.batch, step_us, name, calls, us])
+                rows.append([size, args.batch, mode, step_us, name, calls, us])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows([["size", "batch", "step_us", "kernel", "calls_per_step", "kernel_us_per_step"]]
+            csv.writer(f).writerows([["size", "batch", "launch", "step_us", "kernel", "calls_per_step", "kernel_us_per_step"]]
                                     + rows)  # fmt: skip
 
 

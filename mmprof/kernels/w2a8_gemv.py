@@ -48,8 +48,8 @@ from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
 
-_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [(32, 32, 4), (64, 32, 4), (128, 32, 8),
-                                                                             (64, 64, 8)]]  # fmt: skip
+_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [
+    (32, 32, 4), (64, 32, 4), (128, 32, 8), (64, 64, 8), (16, 128, 4), (32, 128, 8)]]  # fmt: skip
 _INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
 _kernel = triton.autotune(
@@ -59,6 +59,11 @@ _kernel = triton.autotune(
 )(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"]})(tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _kernel.configs)
 _workspaces: dict[torch.device, Tensor] = {}
+DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (Hopper on); False: plain launches
+
+
+def _has_dependent_launch(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _workspace(device: torch.device, ints: int) -> Tensor:
@@ -147,6 +152,8 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
+    pdl = DEPENDENT_LAUNCH and x.is_cuda and _has_dependent_launch(x.device)
+    launch = {"launch_pdl": True} if pdl else {}  # the interpreter takes no launch options
     with device_guard(x):
         _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
@@ -154,7 +161,7 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
-            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)),
+            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)), USE_PDL=pdl, **launch,
         )  # fmt: skip
 
 

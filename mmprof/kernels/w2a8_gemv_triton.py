@@ -17,6 +17,13 @@ loads its whole weight tile at once (one tile per program, so many loads are in 
    the statistics of the row it wrote, for the launch that reads it next, added to ST_OUT with
    atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
 
+Dependent launch (USE_PDL, Hopper on): the weights depend on no earlier launch, so a launch may start
+while the previous one is finishing (programmatic dependent launch). Each program loads its weight
+tile, waits until the previous launch has completed and its writes are visible (griddepcontrol.wait),
+and only then reads anything a launch writes: inputs, statistics, workspace, state, residual. Right
+after that wait it lets the next launch begin, so one launch's weight loads overlap the previous
+launch's arithmetic and epilogue.
+
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
 out byte by byte, which gives the same int32 result, and cvt.rni by floor-based rounding half to even.
 
@@ -114,7 +121,7 @@ def w2a8_gemv_kernel(
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
     HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -130,6 +137,9 @@ def w2a8_gemv_kernel(
         w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
     if NT > 2:
         w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
+    if USE_PDL:  # launched early, beside the previous launch: wait for it before reading what it wrote,
+        tl.extra.cuda.gdc_wait()  # then let the next launch start loading its weights
+        tl.extra.cuda.gdc_launch_dependents()
 
     x_row = X + m * stride_x
     a_row = A
