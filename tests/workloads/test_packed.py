@@ -102,7 +102,10 @@ def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
     """The Triton kernels composed (prefill GEMM, GEMV steps, eager and graphed) against the plain
     fake-quant model, fp32 on both sides, on the tiny model: at widths like 370m's one activation
     level flipped by float rounding is amplified layer by layer (there the reference itself moves its
-    logits by 2-5% when its embedding is perturbed by 1e-6), so only a narrow model tests the path."""
+    logits by 2-5% when its embedding is perturbed by 1e-6), so only a narrow model tests the path.
+    Even here a flip happens: the row statistics are float sums in whatever order the GEMV's blocks
+    arrive, and on an H200 one flip at batch 4 moved a step's logits by 0.9% in one run and 1.5% in
+    another (identically with plain and dependent launches); a wrong kernel moves them by order 1."""
     torch.manual_seed(4)
     model = fake_quant_model(device="cuda", layers=4)
     packed = PackedMMFreeLM.from_model(model)
@@ -113,7 +116,7 @@ def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
     for dec in (eager, graphed):
         logits = [dec.prefill(ids[:, :32])] + [dec.step(ids[:, t]) for t in range(32, 40)]
         errors = [rel_rms_error(a, b) for a, b in zip(logits, expected[:, 31:].unbind(1))]
-        assert max(errors) < 1e-2, errors
+        assert max(errors) < 3e-2, errors
     for t in range(2):
         eager.prefill(ids[:, :32])
         graphed.prefill(ids[:, :32])
