@@ -44,7 +44,8 @@ def one_case(size: str, wanted: str, launches: int) -> None:
                                epilogue=epilogue, sums=sums, **extra)  # fmt: skip
     call(copies[-1])  # autotune
     torch.cuda.synchronize()
-    print(f"{size} {name}: N {parts}x{n} K {k}; autotuner cache {dict(gemv_mod._kernel.cache)}", flush=True)
+    chosen = "; ".join(str(config) for config in gemv_mod._kernel.cache.values())
+    print(f"{size} {name}: N {parts}x{n} K {k}; configuration {chosen}", flush=True)
     torch.cuda.cudart().cudaProfilerStart()
     for p in copies[:launches]:
         call(p)
