@@ -35,8 +35,9 @@ for stage in "${STAGES[@]}"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
     tests)
-      # shellcheck disable=SC2086  # PYTEST_ARGS: test paths to limit the run to (default: all)
-      timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
+      # shellcheck disable=SC2086  # PYTEST_ARGS: test paths to limit the run to (default: all; the first
+      # compile of every kernel configuration takes most of 5 minutes on an H200, hence the longer limit)
+      timeout "${STAGE_TIMEOUT:-540}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
     kernels)
