@@ -35,8 +35,8 @@ for stage in "${STAGES[@]}"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case "$stage" in
     tests)
-      # shellcheck disable=SC2086  # PYTEST_ARGS: test paths to limit the run to (default: all; the first
-      # compile of every kernel configuration takes most of 5 minutes on an H200, hence the longer limit)
+      # shellcheck disable=SC2086  # PYTEST_ARGS: test paths to limit the run to (default: all; a first
+      # run compiles every kernel configuration: all of them ran past 270 s on an H200, hence 540)
       timeout "${STAGE_TIMEOUT:-540}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
