@@ -67,7 +67,9 @@ def _graph_time_us(calls) -> float:
     return stats.median_s / CALLS_PER_GRAPH * 1e6
 
 
-def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
+def gemv_setup(batch, parts, shared, epilogue, n, k):
+    """One launch's operands as a decode step has them (random weights packed per part, unit norms,
+    row statistics summed beforehand): (w fp32, x, packed, a call taking a packed tensor)."""
     nq = 1 if shared else parts
     w = torch.randn(parts * n, k, device="cuda") * 0.02
     packed, scale = pack_weight(w) if shared else (None, None)
@@ -75,19 +77,28 @@ def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
         pieces = [pack_weight(w[p * n : (p + 1) * n]) for p in range(parts)]
         packed, scale = torch.cat([p for p, _ in pieces]), torch.stack([s for _, s in pieces])
     scales = scale.reshape(-1).float()
-    wbytes = packed.numel() * 4
-    copies = [packed.clone() for _ in range(_copies(wbytes))]
     norms = torch.ones(nq, k, device="cuda")
     pre = torch.ones(k, device="cuda")
     x = torch.randn(batch, k, device="cuda")
-    res = torch.randn(batch, n, device="cuda")
-    state = torch.zeros(batch, n, device="cuda")
-    extra = dict(residual=res) if epilogue == "residual" else {}
+    extra = dict(residual=torch.randn(batch, n, device="cuda")) if epilogue == "residual" else {}
     if epilogue == "mlgru":
-        extra = dict(state=state, lower_bound=torch.rand(n, device="cuda"), gate_weight=pre.new_ones(n))
+        extra = dict(state=torch.zeros(batch, n, device="cuda"), lower_bound=torch.rand(n, device="cuda"),
+                     gate_weight=pre.new_ones(n))  # fmt: skip
     sums = row_sums_ref(x, norms, pre)  # as in a decode step, the launch that wrote x summed them
-    calls = [lambda p=p: w2a8_gemv(x, norms, p, scales, parts=parts, shared_quant=shared, pre_weight=pre,
-                                   epilogue=epilogue, sums=sums, **extra) for p in copies]  # fmt: skip
+
+    def call(p):
+        return w2a8_gemv(x, norms, p, scales, parts=parts, shared_quant=shared, pre_weight=pre, epilogue=epilogue,
+                         sums=sums, **extra)  # fmt: skip
+
+    return w, x, packed, call
+
+
+def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
+    nq = 1 if shared else parts
+    w, x, packed, call = gemv_setup(batch, parts, shared, epilogue, n, k)
+    wbytes = packed.numel() * 4
+    copies = [packed.clone() for _ in range(_copies(wbytes))]
+    calls = [lambda p=p: call(p) for p in copies]
     us = _graph_time_us(calls)
     outs = {"store": parts, "residual": 1, "glu": 1, "mlgru": 2}[epilogue]
     nbytes = wbytes + 4 * (nq + 1) * k + 4 * batch * (k + (outs + (epilogue in ("residual", "mlgru"))) * n)

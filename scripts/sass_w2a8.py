@@ -5,7 +5,8 @@ before any device time is spent: registers per thread (what bounds occupancy), b
 kernel's instructions per 16-weight word of a program's tile against the 11 of the dp4a core (4 IDP,
 3 shifts, 4 masks). The counts are static: the whole kernel, the epilogue that only a block's last
 program runs included. The launch is one of a MatMul-free layer's (as bench_w2a8.py names them); the
-integer arguments are marked divisible by 16, as Triton specialises them at the presets' shapes.
+integer arguments are marked divisible by 16, as Triton specialises them at the presets' shapes, and
+the row statistics are read from the producer, as everywhere but layer 0.
 
     python scripts/sass_w2a8.py --launch ifg+mlgru --block-n 32 --block-kw 32 --warps 4
 """
@@ -23,22 +24,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_w2a8 import gemv_cases  # noqa: E402
 
 from mmprof.kernels import w2a8_gemv_triton as tri  # noqa: E402
+from mmprof.kernels.w2a8_gemv import EPILOGUES  # noqa: E402
 
-# launch: (parts, shared quantisation, epilogue code, next input's pre-norm: 1 weight, 2 the gate, 0 none)
-LAUNCHES = {"ifg+mlgru": (3, False, 3, 2), "o_proj+residual": (1, False, 2, 1), "gate_proj+glu": (2, True, 4, 0),
-            "down_proj+residual": (1, False, 2, 1), "lm_head": (1, False, 1, 0)}  # fmt: skip
+LAUNCHES = {case[0]: case[1:4] for case in gemv_cases("1.3b")}  # name: (parts, shared quantisation, epilogue)
+# the next launch's pre-norm weight, as a decode step passes it: the gate after the MLGRU step, a
+# norm weight after a residual add (the next layer's or the head's), none after the GLU or the head
+NEXT_PRE = {"mlgru": 2, "residual": 1, "glu": 0, "store": 0}
 INT_ARGS = {"N", "K", "KW", "stride_x", "stride_a", "stride_out"}
 INT_POINTERS = {"W", "ACC", "CNT"}
 
 
 def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split: bool) -> bytes:
-    parts, shared, epilogue, next_a = LAUNCHES[launch]
+    parts, shared, epilogue = LAUNCHES[launch]
     consts = dict(NT=parts, SHARED_QUANT=shared, HAS_PRE=True, A_ROWS=False, NQ=1 if shared else parts,
-                  EPILOGUE=epilogue, HAS_LB=epilogue == 3, USE_PTX=True, HAS_ST_IN=True, NQN=0 if epilogue == 1 else 1,
-                  NEXT_A=next_a, STATS_BLOCK=4096, ONE_SPLIT=one_split, USE_PDL=True, BLOCK_N=block_n,
-                  BLOCK_KW=block_kw)  # fmt: skip
+                  EPILOGUE=EPILOGUES[epilogue], HAS_LB=epilogue == "mlgru", USE_PTX=True, HAS_ST_IN=True,
+                  NQN=0 if epilogue == "store" else 1, NEXT_A=NEXT_PRE[epilogue], STATS_BLOCK=4096,
+                  ONE_SPLIT=one_split, USE_PDL=True, BLOCK_N=block_n, BLOCK_KW=block_kw)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tri.w2a8_gemv_kernel.arg_names):
         if name in consts:

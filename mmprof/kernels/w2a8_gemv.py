@@ -35,6 +35,8 @@ Every function has a plain-PyTorch twin (`*_ref`), used off CUDA and by the test
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from torch import Tensor
@@ -62,7 +64,8 @@ _workspaces: dict[torch.device, Tensor] = {}
 DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (Hopper on); False: plain launches
 
 
-def _has_dependent_launch(device: torch.device) -> bool:
+@functools.lru_cache(maxsize=None)
+def _has_dependent_launch(device: torch.device) -> bool:  # asked at every launch: cached
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
