@@ -85,7 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1.3b,13b")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--launch", choices=["fused", "plain", "dependent", "all"], default="fused",
+    ap.add_argument("--launch", choices=["fused", "fused-phases", "fused-no-prefetch", "plain", "dependent", "all"],
+                    default="fused",
                     help="one launch per layer, or four GEMVs per layer launched plainly or dependently")
     ap.add_argument("--out", default=None, help="CSV file to write")
     args = ap.parse_args()
@@ -94,13 +95,15 @@ def main() -> None:
     with torch.inference_mode():
         for size, mode in ((size, mode) for size in args.sizes.split(",") for mode in modes):
             w2a8_gemv.DEPENDENT_LAUNCH = mode != "plain"
-            w2a8_layer.FUSED = mode == "fused"
+            w2a8_layer.FUSED = mode.startswith("fused")
+            w2a8_layer.ONE_LAUNCH = mode != "fused-phases"  # a launch per phase of the layer kernel
+            w2a8_layer.PREFETCH = mode != "fused-no-prefetch"
             step_us, kernels = profile_step(size, args.batch, w2a8_layer.FUSED)
             busy = sum(us for _, _, us in kernels)
             launches = sum(calls for _, calls, _ in kernels)
             print(f"{size} ({mode}): step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
                   f"{launches:.0f} launches, gaps {step_us - busy:.1f} us on {torch.cuda.get_device_name()}")
-            if mode == "fused":
+            if mode.startswith("fused"):
                 for key, config in w2a8_layer._kernel.cache.items():
                     print(f"  w2a8_layer config for {key[:4]}: {config.all_kwargs()}")
             for name, calls, us in kernels:

@@ -113,27 +113,47 @@ def quant_scales(ss1, ss2, s0, s1, s2, K, eps1, eps2, HAS_PRE: tl.constexpr):
 
 
 @triton.jit
-def _next_sums(v, a, nb_ptr, rn, nmask, N, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
-    """Add this program's share of the next projection's row sums (see row_sums) to st_ptr[0:5]:
-    v is the slice of the next input this program wrote, a the next pre-norm weight's slice."""
+def next_sums_part(v, a, nb_ptr, rn, nmask, N, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
+    """This block's share of the next projection's row sums (see row_sums): v is the slice of the
+    next input it wrote, a the next pre-norm weight's slice."""
     v = tl.where(nmask, v, 0.0)
-    tl.atomic_add(st_ptr, tl.sum(v * v))
+    ss1 = tl.sum(v * v)
+    ss2 = ss1
     if NEXT_PRE:
         v = v * a
-        tl.atomic_add(st_ptr + 1, tl.sum(v * v))
-    tl.atomic_max(st_ptr + 2, tl.max(tl.abs(v * tl.load(nb_ptr + rn, mask=nmask, other=0.0))))
+        ss2 = tl.sum(v * v)
+    m0 = tl.max(tl.abs(v * tl.load(nb_ptr + rn, mask=nmask, other=0.0)))
+    m1 = m0
+    m2 = m0
     if NQN > 1:
-        tl.atomic_max(st_ptr + 3, tl.max(tl.abs(v * tl.load(nb_ptr + N + rn, mask=nmask, other=0.0))))
+        m1 = tl.max(tl.abs(v * tl.load(nb_ptr + N + rn, mask=nmask, other=0.0)))
     if NQN > 2:
-        tl.atomic_max(st_ptr + 4, tl.max(tl.abs(v * tl.load(nb_ptr + 2 * N + rn, mask=nmask, other=0.0))))
+        m2 = tl.max(tl.abs(v * tl.load(nb_ptr + 2 * N + rn, mask=nmask, other=0.0)))
+    return ss1, ss2, m0, m1, m2
 
 
 @triton.jit
-def epilogue(y0, y1, y2, rn, nmask, N, out_row, RES, H, LB, GW, OUT2, ST_OUT, NA, NB,
-             NT: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr):  # fmt: skip
+def add_next_sums(st_ptr, ss1, ss2, m0, m1, m2, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
+    """Add sums made by next_sums_part to st_ptr[0:5] (relaxed atomics: the end of the launch, or a
+    grid barrier, orders them before their readers)."""
+    tl.atomic_add(st_ptr, ss1, sem="relaxed")
+    if NEXT_PRE:
+        tl.atomic_add(st_ptr + 1, ss2, sem="relaxed")
+    tl.atomic_max(st_ptr + 2, m0, sem="relaxed")
+    if NQN > 1:
+        tl.atomic_max(st_ptr + 3, m1, sem="relaxed")
+    if NQN > 2:
+        tl.atomic_max(st_ptr + 4, m2, sem="relaxed")
+
+
+@triton.jit
+def epilogue(y0, y1, y2, rn, nmask, N, out_row, RES, H, LB, GW, OUT2, NA, NT: tl.constexpr, EPILOGUE: tl.constexpr,
+             HAS_LB: tl.constexpr, NEXT_A: tl.constexpr):  # fmt: skip
     """Finish one block of rows rn of one input row from its parts' outputs y0..y2 (EPILOGUE store,
-    residual, MLGRU or GLU; RES, H, OUT2 and ST_OUT point at the row's own), and (NQN > 0) add its
-    share of the row statistics of what it wrote for the launch that reads it next."""
+    residual, MLGRU or GLU; RES, H and OUT2 point at the row's own). Returns the row written for
+    the next launch and its pre-norm weight (NEXT_A: 1 from NA, 2 the gate) over those rows."""
+    v = y0
+    gate = y0
     if EPILOGUE == EPI_STORE:
         tl.store(out_row + rn, y0, mask=nmask)
         if NT > 1:
@@ -159,14 +179,13 @@ def epilogue(y0, y1, y2, rn, nmask, N, out_row, RES, H, LB, GW, OUT2, ST_OUT, NA
     else:  # EPI_GLU
         v = y0 * tl.sigmoid(y0) * y1
         tl.store(out_row + rn, v, mask=nmask)
-    if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
-        if NEXT_A == 1:
-            a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
-        elif NEXT_A == 2:
-            a_next = gate
-        else:
-            a_next = v
-        _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT, NQN, NEXT_A != 0)
+    if NEXT_A == 1:
+        a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
+    elif NEXT_A == 2:
+        a_next = gate
+    else:
+        a_next = v
+    return v, a_next
 
 
 @triton.jit
@@ -289,5 +308,8 @@ def w2a8_gemv_kernel(
                     y1 = i1.to(tl.float32) * (amax1 / 127.0) * tl.load(WS + 1)
             if NT > 2:
                 y2 = i2.to(tl.float32) * (amax2 / 127.0) * tl.load(WS + 2)
-            epilogue(y0, y1, y2, rn, nmask, N, out_row, RES + m * N, H + m * N, LB, GW, OUT2 + m * N, ST_OUT + m * 5,
-                     NA, NB, NT, EPILOGUE, HAS_LB, NQN, NEXT_A)
+            v, a_next = epilogue(y0, y1, y2, rn, nmask, N, out_row, RES + m * N, H + m * N, LB, GW, OUT2 + m * N, NA,
+                                 NT, EPILOGUE, HAS_LB, NEXT_A)  # fmt: skip
+            if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
+                ss1, ss2, m0, m1, m2 = next_sums_part(v, a_next, NB, rn, nmask, N, NQN, NEXT_A != 0)
+                add_next_sums(ST_OUT + m * 5, ss1, ss2, m0, m1, m2, NQN, NEXT_A != 0)

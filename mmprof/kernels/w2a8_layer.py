@@ -30,7 +30,9 @@ from mmprof.kernels.bitlinear import NORM_EPS
 from mmprof.kernels import w2a8_gemv as gemv
 from mmprof.kernels.w2a8_gemv import STATS_BLOCK, has_dependent_launch, w2a8_gemv
 
-FUSED = True  # one launch per layer at batch 1 on a GPU; False: four w2a8_gemv launches per layer
+FUSED = True  # at batch 1 on a GPU, w2a8_layer's kernel; False: four w2a8_gemv launches per layer
+ONE_LAUNCH = True  # the kernel's four phases in one launch with grid barriers; False: a launch per phase
+PREFETCH = True  # each phase asks L2 for the next phase's weights
 
 
 class Projection(NamedTuple):
@@ -131,12 +133,12 @@ def w2a8_layer(x: Tensor, lw: LayerWeights, state: Tensor, sums: Tensor, x_sums:
             nxt, xq, _barrier_counters(x.device), d, inter, 3 * part, nxt.numel() * 4, float(lw.eps), float(NORM_EPS))  # fmt: skip
     flags = dict(HAS_XS=x_sums is not None, HAS_LB=lb is not None, NQN=reader_norm.shape[0],
                  NEXT_PRE=int(reader_pre is not None), USE_PTX=gpu, USE_PDL=pdl,
-                 PREFETCH=gpu and _aligned(lw.ifg.packed, lw.o.packed, lw.gate.packed, lw.down.packed, nxt),
+                 PREFETCH=gpu and PREFETCH and _aligned(lw.ifg.packed, lw.o.packed, lw.gate.packed, lw.down.packed, nxt),
                  STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(d)), QBLOCK=256 if gpu else 8)  # fmt: skip
     with device_guard(x):
-        if gpu:
+        if gpu and ONE_LAUNCH:
             _kernel[(programs,)](*args, PHASE=-1, **flags, **({"launch_pdl": True} if pdl else {}))
-        else:  # programs run one after another here: one launch per phase stands in for the barriers
+        else:  # the interpreter runs programs one after another: a launch per phase stands in for barriers
             for phase in range(4):
                 _kernel[(programs,)](*args, PHASE=phase, **flags)
     return out

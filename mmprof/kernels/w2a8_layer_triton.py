@@ -23,7 +23,8 @@ In a phase, each program:
   phase).
 
 A grid barrier is an arrival counter: each program releases its count after a block-wide barrier
-(its threads' writes are done), then spins on acquire loads of it until all have arrived. This needs
+(its threads' writes are done), then its thread 0 spins on acquire loads of it until all have
+arrived while the other threads wait at a block-wide barrier (one poller per SM, not one per thread). This needs
 every program resident at once: one program per SM, at most 8 warps (255 registers per thread
 still fit one per SM). The three counters clean up after themselves: program 0 zeroes each one once
 every program is past it (the last one at the start of the next launch).
@@ -35,8 +36,8 @@ after another, so no program could wait for another) and the tests run it, one l
 import triton
 import triton.language as tl
 
-from mmprof.kernels.w2a8_gemv_triton import (EPI_GLU, EPI_MLGRU, EPI_RESIDUAL, dot4, epilogue, pack4, quant_scales,
-                                             quantize, row_sums)  # fmt: skip
+from mmprof.kernels.w2a8_gemv_triton import (EPI_GLU, EPI_MLGRU, EPI_RESIDUAL, add_next_sums, dot4, epilogue,
+                                             next_sums_part, pack4, quant_scales, quantize, row_sums)  # fmt: skip
 
 
 @triton.jit
@@ -57,17 +58,21 @@ def _prefetch_slice(W, nbytes, pid, programs, THREADS: tl.constexpr):
 def _grid_barrier(BAR, programs):
     """Wait until every program has arrived here; what each wrote before is visible to all after."""
     tl.debug_barrier()  # this program's threads are done writing
-    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
-    arrived = _load_acquire(BAR)
-    while arrived < programs:  # plain loads: spinning read-modify-writes would queue behind the arrivals
-        arrived = _load_acquire(BAR)
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")  # by one thread
+    arrived = _poll(BAR, programs)
+    while arrived < programs:  # thread 0 spins; the others wait for it at the block-wide barrier below
+        arrived = _poll(BAR, programs)
     tl.debug_barrier()
 
 
 @triton.jit
-def _load_acquire(ptr):
-    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr.to(tl.int64)],
-                                     dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+def _poll(BAR, programs):
+    """Thread 0: an acquire load of the counter; every other thread: `programs` (done)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; mov.u32 $0, $2; "
+        "@p ld.acquire.gpu.global.b32 $0, [$1]; }",
+        "=r,l,r", [BAR.to(tl.int64), programs], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -102,11 +107,12 @@ def _phase(pid, programs, X, A, B, W, WS, ST_IN, XQ, xq_part, OUT, RES, H, LB, G
     KW = tl.cdiv(K, 16)
     KW4 = 4 * KW
     if HAS_ST_IN:
-        ss1 = tl.load(ST_IN)
-        ss2 = tl.load(ST_IN + 1)
-        s0 = tl.load(ST_IN + 2)
-        s1 = tl.load(ST_IN + 3)
-        s2 = tl.load(ST_IN + 4)
+        # from L2 (.cg): this SM's L1 may hold the line from an earlier phase, before the atomics
+        ss1 = tl.load(ST_IN, cache_modifier=".cg")
+        ss2 = tl.load(ST_IN + 1, cache_modifier=".cg")
+        s0 = tl.load(ST_IN + 2, cache_modifier=".cg")
+        s1 = tl.load(ST_IN + 3, cache_modifier=".cg")
+        s2 = tl.load(ST_IN + 4, cache_modifier=".cg")
     else:
         ss1, ss2, s0, s1, s2 = row_sums(X, A, B, K, NQ, HAS_PRE, STATS_BLOCK)
     amax0, amax1, amax2, mult0, mult1, mult2 = quant_scales(ss1, ss2, s0, s1, s2, K, eps1, eps2, HAS_PRE)
@@ -135,6 +141,11 @@ def _phase(pid, programs, X, A, B, W, WS, ST_IN, XQ, xq_part, OUT, RES, H, LB, G
     acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
+    ss1n = tl.zeros([], tl.float32)  # statistics of this program's share of the output: added once at the end
+    ss2n = tl.zeros([], tl.float32)
+    m0n = tl.zeros([], tl.float32)
+    m1n = tl.zeros([], tl.float32)
+    m2n = tl.zeros([], tl.float32)
     # one flat loop over (this program's blocks) x (chunks of K), so loads run ahead across blocks too
     for t in tl.range(0, tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * chunks, num_stages=STAGES):
         blk = pid + (t // chunks) * programs
@@ -170,11 +181,17 @@ def _phase(pid, programs, X, A, B, W, WS, ST_IN, XQ, xq_part, OUT, RES, H, LB, G
                 y1 = (tl.sum(acc1, axis=1) - qs1).to(tl.float32) * (amax1 / 127.0) * ws1
             if NT > 2:
                 y2 = (tl.sum(acc2, axis=1) - qs2).to(tl.float32) * (amax2 / 127.0) * ws2
-            epilogue(y0, y1, y2, rn, nmask, N, OUT, RES, H, LB, GW, OUT2, ST_OUT, NA, NB, NT, EPILOGUE, HAS_LB, NQN,
-                     NEXT_A)  # fmt: skip
+            v, a_next = epilogue(y0, y1, y2, rn, nmask, N, OUT, RES, H, LB, GW, OUT2, NA, NT, EPILOGUE, HAS_LB, NEXT_A)
+            b1, b2, b3, b4, b5 = next_sums_part(v, a_next, NB, rn, nmask, N, NQN, NEXT_A != 0)
+            ss1n += b1
+            ss2n += b2
+            m0n = tl.maximum(m0n, b3)
+            m1n = tl.maximum(m1n, b4)
+            m2n = tl.maximum(m2n, b5)
             acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
             acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
             acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
+    add_next_sums(ST_OUT, ss1n, ss2n, m0n, m1n, m2n, NQN, NEXT_A != 0)
 
 
 @triton.jit

@@ -45,7 +45,7 @@ def check_layer(d, inter, device, x_sums=True, lower_bound=True, reader_parts=3,
         assert rel_rms_error(sums, ref_sums) < 2e-2
         state.copy_(ref_state)  # the next step starts from the same state on both sides
     if device != "cpu" or not interpreting():
-        assert not layer_module._barriers[x.device].any()
+        assert not layer_module._barriers[x.device][:2].any()  # the third is zeroed by the next launch
 
 
 @needs_interpreter
