@@ -49,7 +49,7 @@ for stage in "${STAGES[@]}"; do
     w2a8)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_w2a8.py --sizes "${DECODE_SIZES:-1.3b,2.7b,13b}" \
         --out "$RUNS/bench-w2a8.csv" 2>&1 | tee "$LOGS/bench-w2a8.log" || status=1
-      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profile_packed_step.py --sizes "${PROFILE_SIZES:-1.3b,13b}" --launch "${PROFILE_LAUNCH:-all}" \
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profile_packed_step.py --sizes "${PROFILE_SIZES:-1.3b,13b}" --launch both \
         --out "$RUNS/profile-packed-step.csv" 2>&1 | tee "$LOGS/profile-packed-step.log" || status=1 ;;
     decode|decode-packed|decode-ctx2048|decode-reference)
       # decode-packed: both models decoded carefully (CUDA graphs; packed ternary weights, bf16 Transformer++)

@@ -5,10 +5,9 @@ The model's buffers are random (valid 2-bit codes, unit norms): the kernels do t
 whatever the weights. For each size it prints the step's time, the sum of its kernels' times (the
 rest is the gaps between launches) and the kernels grouped by name, longest first; the W2A8 GEMV
 launches by their place in a layer (layer 0's first launch apart: it computes its input's row
-statistics itself). `--launch` picks how layers run: `fused` (one `w2a8_layer` launch per layer, as
-decoding runs them at batch 1), or four GEMV launches per layer, `plain` or `dependent` (programmatic
-dependent launch: each launch loads its weights while the previous one finishes; with overlapping
-kernels the per-kernel sums exceed the step and the "gaps" go negative); `all` measures the three.
+statistics itself). `--launch both` measures each size twice: GEMVs launched plainly, and with
+programmatic dependent launch (each launch loads its weights while the previous one finishes; with
+overlapping kernels the per-kernel sums exceed the step and the "gaps" go negative).
 
     python scripts/profile_packed_step.py --sizes 1.3b,13b --out step-profile.csv
 """
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mmprof.kernels import w2a8_gemv, w2a8_layer  # noqa: E402
+from mmprof.kernels import w2a8_gemv  # noqa: E402
 from mmprof.profiler import time_fn  # noqa: E402
 from mmprof.workloads.decode import GraphDecoder  # noqa: E402
 from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
@@ -51,7 +50,7 @@ def graphed_decoder(model: PackedMMFreeLM, batch: int, device="cuda") -> GraphDe
     return dec
 
 
-def profile_step(size: str, batch: int, fused: bool):
+def profile_step(size: str, batch: int):
     model = random_packed_model(size)
     dec = graphed_decoder(model, batch)
     graph = dec.graph
@@ -63,14 +62,14 @@ def profile_step(size: str, batch: int, fused: bool):
     per_name = defaultdict(lambda: [0, 0.0])
     events = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
                      and ev.device_time_total > 0), key=lambda ev: ev.time_range.start)  # fmt: skip
-    gemvs_per_step = 1 if fused and batch == 1 else 4 * model.config.num_layers + 1
+    gemvs_per_step = 4 * model.config.num_layers + 1
     gemv = 0
     for ev in events:
         name = ev.name
         if name.startswith("w2a8_gemv"):  # the step's launches in order: 4 per layer, then the head
             n = gemv % gemvs_per_step
             name = f"w2a8_gemv {'lm_head' if n == gemvs_per_step - 1 else LAUNCHES[n % 4]}"
-            name += " (layer 0)" if n == 0 and gemvs_per_step > 1 else ""
+            name += " (layer 0)" if n == 0 else ""
             gemv += 1
         per_name[name][0] += 1
         per_name[name][1] += ev.device_time_total
@@ -85,27 +84,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1.3b,13b")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--launch", choices=["fused", "fused-phases", "fused-no-prefetch", "plain", "dependent", "all"],
-                    default="fused",
-                    help="one launch per layer, or four GEMVs per layer launched plainly or dependently")
+    ap.add_argument("--launch", choices=["plain", "dependent", "both"], default="dependent",
+                    help="how the GEMVs are launched: plainly or with programmatic dependent launch")
     ap.add_argument("--out", default=None, help="CSV file to write")
     args = ap.parse_args()
     rows = []
-    modes = ["plain", "dependent", "fused"] if args.launch == "all" else [args.launch]
+    modes = ["plain", "dependent"] if args.launch == "both" else [args.launch]
     with torch.inference_mode():
         for size, mode in ((size, mode) for size in args.sizes.split(",") for mode in modes):
-            w2a8_gemv.DEPENDENT_LAUNCH = mode != "plain"
-            w2a8_layer.FUSED = mode.startswith("fused")
-            w2a8_layer.ONE_LAUNCH = mode != "fused-phases"  # a launch per phase of the layer kernel
-            w2a8_layer.PREFETCH = mode != "fused-no-prefetch"
-            step_us, kernels = profile_step(size, args.batch, w2a8_layer.FUSED)
+            w2a8_gemv.DEPENDENT_LAUNCH = mode == "dependent"
+            step_us, kernels = profile_step(size, args.batch)
             busy = sum(us for _, _, us in kernels)
             launches = sum(calls for _, calls, _ in kernels)
-            print(f"{size} ({mode}): step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
+            print(f"{size} ({mode} launches): step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "
                   f"{launches:.0f} launches, gaps {step_us - busy:.1f} us on {torch.cuda.get_device_name()}")
-            if mode.startswith("fused"):
-                for key, config in w2a8_layer._kernel.cache.items():
-                    print(f"  w2a8_layer config for {key[:4]}: {config.all_kwargs()}")
             for name, calls, us in kernels:
                 print(f"  {us:9.1f} us {calls:6.1f} calls {us / calls:8.2f} us/call  {name[:90]}")
                 rows.append([size, args.batch, mode, step_us, name, calls, us])

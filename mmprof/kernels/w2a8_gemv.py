@@ -65,7 +65,7 @@ DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (H
 
 
 @functools.lru_cache(maxsize=None)
-def has_dependent_launch(device: torch.device) -> bool:  # asked at every launch: cached
+def _has_dependent_launch(device: torch.device) -> bool:  # asked at every launch: cached
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -155,7 +155,7 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
-    pdl = DEPENDENT_LAUNCH and x.is_cuda and has_dependent_launch(x.device)
+    pdl = DEPENDENT_LAUNCH and x.is_cuda and _has_dependent_launch(x.device)
     launch = {"launch_pdl": True} if pdl else {}  # the interpreter takes no launch options
     with device_guard(x):
         _kernel[grid](

@@ -9,10 +9,9 @@ Two paths, the same function (up to float rounding):
 
 - `prefill(ids, state)`: a prompt [B, T] in chunks through the small-GEMM kernel (`packed_bitlinear`)
   and the MLGRU scan; returns the last position's logits.
-- `step(ids, state)`: one token per sequence, each layer's four fused W2A8 products (`w2a8_layer`):
+- `step(ids, state)`: one token per sequence, four fused W2A8 GEMV launches per layer (`w2a8_gemv`):
   (attn_norm + i/f/g BitLinears + MLGRU gates and state update), (g_norm gate + o_proj + residual),
-  (mlp_norm + gate_proj + silu(a) * b), (down_proj + residual), in one launch at batch 1 on a GPU
-  and four `w2a8_gemv` launches otherwise; then the final norm and lm_head.
+  (mlp_norm + gate_proj + silu(a) * b), (down_proj + residual); then the final norm and lm_head.
   All shapes are fixed and the state is updated in place, so the step is captured in a CUDA graph.
 """
 
@@ -28,7 +27,6 @@ from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words
 from mmprof.kernels.w2a8_gemm import packed_bitlinear
 from mmprof.kernels.w2a8_gemv import w2a8_gemv
-from mmprof.kernels.w2a8_layer import LayerWeights, Projection, w2a8_layer
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.mmfree import layer_lower_bounds, mlgru_gates
 from mmprof.workloads.presets import ModelConfig
@@ -102,10 +100,23 @@ class PackedBlock(nn.Module):
         a, b = self.gate_proj.prefill(rms_norm(x, self.mlp_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down_proj.prefill(F.silu(a) * b)
 
-    def weights(self, lower_bound: Tensor | None) -> LayerWeights:
-        proj = lambda lin: Projection(lin.norm, lin.packed, lin.w_scale)  # noqa: E731
-        return LayerWeights(self.attn_norm, self.g_norm, self.mlp_norm, proj(self.ifg), proj(self.o_proj),
-                            proj(self.gate_proj), proj(self.down_proj), lower_bound, self.eps)  # fmt: skip
+    def step(self, x: Tensor, lower_bound: Tensor | None, state: Tensor, sums: Tensor, x_sums: Tensor | None,
+             reader: tuple) -> Tensor:  # fmt: skip
+        """One token: x [B, d] -> the next residual [B, d]. sums [4, B, 5] are zeroed buffers for the
+        row statistics of the o_proj, down_proj and next inputs, summed by the launch writing each
+        (`w2a8_gemv`'s next_sums); x_sums are x's (None: computed here); reader is (norm weights,
+        pre-norm weight) of the launch that reads this layer's output."""
+        ifg, o, gate, down = self.ifg, self.o_proj, self.gate_proj, self.down_proj
+        g, gate_in = w2a8_gemv(x, ifg.norm, ifg.packed, ifg.w_scale, parts=3, pre_weight=self.attn_norm,
+                               pre_eps=self.eps, epilogue="mlgru", state=state, lower_bound=lower_bound,
+                               gate_weight=self.g_norm, sums=x_sums, next_sums=(sums[0], o.norm, "gate"))  # fmt: skip
+        x2 = w2a8_gemv(g, o.norm, o.packed, o.w_scale, pre_weight=gate_in, pre_eps=self.eps, epilogue="residual",
+                       residual=x, sums=sums[0], next_sums=(sums[1], gate.norm, self.mlp_norm))  # fmt: skip
+        z = w2a8_gemv(x2, gate.norm, gate.packed, gate.w_scale, parts=2, shared_quant=True,
+                      pre_weight=self.mlp_norm, pre_eps=self.eps, epilogue="glu", sums=sums[1],
+                      next_sums=(sums[2], down.norm, None))  # fmt: skip
+        return w2a8_gemv(z, down.norm, down.packed, down.w_scale, epilogue="residual", residual=x2, sums=sums[2],
+                         next_sums=(sums[3], *reader))  # fmt: skip
 
 
 class PackedMMFreeLM(nn.Module):
@@ -160,10 +171,8 @@ class PackedMMFreeLM(nn.Module):
         sums = x.new_zeros(len(layers), 4, x.shape[0], 5)
         x_sums = None
         for n, layer in enumerate(layers):
-            last = n + 1 == len(layers)
-            reader = (head.norm, self.norm) if last else (layers[n + 1].ifg.norm, layers[n + 1].attn_norm)
-            nxt = head.packed if last else layers[n + 1].ifg.packed
-            x = w2a8_layer(x, layer.weights(self._bound(n)), state[n], sums[n], x_sums, reader, nxt)
+            reader = (layers[n + 1].ifg.norm, layers[n + 1].attn_norm) if n + 1 < len(layers) else (head.norm, self.norm)
+            x = layer.step(x, self._bound(n), state[n], sums[n], x_sums, reader)
             x_sums = sums[n, 3]
         return w2a8_gemv(x, head.norm, head.packed, head.w_scale, pre_weight=self.norm,
                          pre_eps=self.config.rms_norm_eps, sums=x_sums)  # fmt: skip
