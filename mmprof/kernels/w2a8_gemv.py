@@ -46,6 +46,7 @@ from mmprof.kernels._triton_util import autotune_configs, device_guard, interpre
 from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
 from mmprof.kernels.ternary_pack import packed_words
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
+from mmprof.kernels.w2a8_tuned import TUNED
 
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
@@ -54,19 +55,63 @@ _GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [
     (32, 32, 4), (64, 32, 4), (128, 32, 8), (64, 64, 8), (16, 128, 4), (32, 128, 8)]]  # fmt: skip
 _INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
+_pins: dict[tuple, tuple] = {}  # (N, K, parts, epilogue) -> (BLOCK_N, BLOCK_KW, num_warps): see pin_configs
+USE_TUNED = True  # the GPU's table in w2a8_tuned where it has the shape; False: autotune every shape
+_EPILOGUE_NAMES = {code: name for name, code in EPILOGUES.items()} | {tri.EPI_INT.value: "int"}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_for(device: torch.device) -> dict:
+    return TUNED.get(torch.cuda.get_device_name(device), {}) if device.type == "cuda" else {}
+
+
+def _pinned(configs, nargs, **kwargs):
+    """The autotuner's pruning hook: the one configuration pinned or tuned for this launch shape."""
+    key = (nargs["N"], nargs["K"], kwargs["NT"], _EPILOGUE_NAMES[kwargs["EPILOGUE"]])
+    pin = _pins.get(key)
+    if pin is None and USE_TUNED:
+        pin = _tuned_for(nargs["X"].device).get(key)
+    if pin is None or interpreting():
+        return configs
+    return [triton.Config({"BLOCK_N": pin[0], "BLOCK_KW": pin[1]}, num_warps=pin[2])]
+
+
+def _tiles_exactly(args) -> bool:
+    """The blocks cover the weights and the inputs with nothing left over (no masks needed)."""
+    return args["N"] % args["BLOCK_N"] == 0 and args["KW"] % args["BLOCK_KW"] == 0 and args["K"] == 16 * args["KW"]
+
+
 _kernel = triton.autotune(
     configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
-    key=["N", "K", "NT", "EPILOGUE"],
+    key=["N", "K", "NT", "EPILOGUE"], prune_configs_by={"early_config_prune": _pinned},
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"]})(tri.w2a8_gemv_kernel))
-_SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _kernel.configs)
+)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"], "EVEN": _tiles_exactly})(
+    tri.w2a8_gemv_kernel))
+_SMALLEST_BLOCK_N = min([config.kwargs["BLOCK_N"] for config in _kernel.configs]
+                        + [pin[0] for table in TUNED.values() for pin in table.values()])  # fmt: skip
 _workspaces: dict[torch.device, Tensor] = {}
 DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (Hopper on); False: plain launches
+EARLY_READS = True  # settled residuals and states read before waiting for the previous launch; False: after
 
 
 @functools.lru_cache(maxsize=None)
 def _has_dependent_launch(device: torch.device) -> bool:  # asked at every launch: cached
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pin_configs(pins: dict[tuple, tuple]) -> None:
+    """Launch shapes (N, K, parts, epilogue name) -> (BLOCK_N, BLOCK_KW, num_warps) to use instead
+    of the tuned table or the autotuner; the autotuner's earlier choices are forgotten."""
+    _pins.clear()
+    _pins.update(pins)
+    _kernel.cache.clear()
+
+
+def chosen_configs() -> dict[tuple, tuple]:
+    """What each launch shape (N, K, parts, epilogue name) has run with so far: pinned, tuned or
+    autotuned."""
+    return {(*key[:3], _EPILOGUE_NAMES[key[3]]): (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_KW"], c.num_warps)
+            for key, c in _kernel.cache.items()}  # fmt: skip
 
 
 def _workspace(device: torch.device, ints: int) -> Tensor:
@@ -99,10 +144,12 @@ def w2a8_gemv(
     pre_weight: Tensor | None = None, pre_eps: float = 1e-6, eps: float = NORM_EPS, epilogue: str = "store",
     residual: Tensor | None = None, state: Tensor | None = None, lower_bound: Tensor | None = None,
     gate_weight: Tensor | None = None, sums: Tensor | None = None, next_sums: tuple | None = None,
-    backend: str = "auto",
+    settled: bool = False, backend: str = "auto",
 ):  # fmt: skip
     """See the module docstring. x [M, K] (made for M = 1..8: each row's programs stream the weights
-    again); fp32 results (a pair for "mlgru")."""
+    again); fp32 results (a pair for "mlgru"). settled: the residual and state were written two or
+    more launches before this one (or not by a kernel), so a dependent launch may read them before
+    the previous launch has finished."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {', '.join(EPILOGUES)}, got {epilogue!r}")
     nq = 1 if shared_quant else parts
@@ -136,6 +183,7 @@ def w2a8_gemv(
         ws=w_scales.float().contiguous(), res=residual, h=state, lb=lower_bound, gw=gate_weight, out2=out2,
         st_in=sums, st_out=st_out, na=next_a if next_kind == 1 else None, nb=next_b,
         nqn=next_b.shape[0] if next_sums is not None else 0, next_kind=next_kind, pre_eps=pre_eps, eps=eps,
+        settled=settled,
     )  # fmt: skip
     if epilogue == "mlgru":
         return out, out2
@@ -144,7 +192,7 @@ def w2a8_gemv(
 
 def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=None, ws=None, res=None, h=None,
             lb=None, gw=None, out2=None, st_in=None, st_out=None, na=None, nb=None, nqn=0, next_kind=0,
-            pre_eps=0.0, eps=0.0):  # fmt: skip
+            pre_eps=0.0, eps=0.0, settled=False):  # fmt: skip
     """One launch; pointers that a configuration does not read are given `out` (never dereferenced)."""
     for t in (res, h, st_in, st_out):
         if t is not None and not t.is_contiguous():
@@ -152,7 +200,8 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     k, m = x.shape[1], x.shape[0]
     a_rows = a is not None and a.dim() == 2
     sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
-    work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _SMALLEST_BLOCK_N))
+    smallest_block = min([_SMALLEST_BLOCK_N, *(pin[0] for pin in _pins.values())])
+    work = _workspace(x.device, sums_ints + m * triton.cdiv(n, smallest_block))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
     pdl = DEPENDENT_LAUNCH and x.is_cuda and _has_dependent_launch(x.device)
@@ -164,7 +213,8 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
-            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)), USE_PDL=pdl, **launch,
+            NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)), USE_PDL=pdl,
+            EARLY_RES=settled and EARLY_READS, **launch,
         )  # fmt: skip
 
 

@@ -19,10 +19,12 @@ loads its whole weight tile at once (one tile per program, so many loads are in 
 
 Dependent launch (USE_PDL, Hopper on): the weights depend on no earlier launch, so a launch may start
 while the previous one is finishing (programmatic dependent launch). Each program loads its weight
-tile, waits until the previous launch has completed and its writes are visible (griddepcontrol.wait),
-and only then reads anything a launch writes: inputs, statistics, workspace, state, residual. Right
-after that wait it lets the next launch begin, so one launch's weight loads overlap the previous
-launch's arithmetic and epilogue.
+tile and the epilogue's operands that no launch in flight writes (scales, norm weights; with
+EARLY_RES also the residual and the state, which the caller says were written two or more launches
+back), waits until the previous launch has completed and its writes are visible (griddepcontrol.wait),
+and only then reads what that launch may have written: inputs, statistics, workspace. Right after
+that wait it lets the next launch begin, so one launch's loads overlap the previous launch's
+arithmetic and epilogue, and the program that runs the epilogue waits for no load but the sums.
 
 Under Triton's interpreter (no inline PTX) `dp4a` is replaced by the same integer arithmetic spelt
 out byte by byte, which gives the same int32 result, and cvt.rni by floor-based rounding half to even.
@@ -99,19 +101,19 @@ def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, B
 
 
 @triton.jit
-def _next_sums(v, a, nb_ptr, rn, nmask, N, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
+def _next_sums(v, a, nb, nmask, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
     """Add this program's share of the next projection's row sums (see _row_sums) to st_ptr[0:5]:
-    v is the slice of the next input this program wrote, a the next pre-norm weight's slice. Relaxed
-    atomics: only the next launch reads them, after this one has ended. (The default, acq_rel, puts a
-    fence around each: on the H200, dropping them took the 1.3b step from 736 to 532-607 us.)"""
+    v is the slice of the next input this program wrote, a the next pre-norm weight's slice, nb
+    [4, BLOCK_N] the next launch's norm weights' (rows past NQN unused). Relaxed atomics: only the
+    next launch reads them, after this one has ended. (The default, acq_rel, puts a fence around
+    each: on the H200, dropping them took the 1.3b step from 736 to 532-607 us.)"""
     v = tl.where(nmask, v, 0.0)
     tl.atomic_add(st_ptr, tl.sum(v * v), sem="relaxed")
     if NEXT_PRE:
         v = v * a
         tl.atomic_add(st_ptr + 1, tl.sum(v * v), sem="relaxed")
-    for p in tl.static_range(NQN):  # per quantised part of the next launch: max |v * a * b_p|
-        b = tl.load(nb_ptr + p * N + rn, mask=nmask, other=0.0)
-        tl.atomic_max(st_ptr + 2 + p, tl.max(tl.abs(v * b)), sem="relaxed")
+    p = tl.arange(0, 4)  # per quantised part of the next launch: max |v * a * b_p|
+    tl.atomic_max(st_ptr + 2 + p, tl.max(tl.abs(v[None, :] * nb), axis=1), mask=p < NQN, sem="relaxed")
 
 
 @triton.jit
@@ -121,22 +123,46 @@ def w2a8_gemv_kernel(
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
     HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr, EARLY_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     # the weight tile first: nothing it needs has to be waited for
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
     wcol = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    wmask = nmask[:, None] & (wcol < KW)[None, :]
+    if EVEN:  # the blocks tile the matrix exactly: masks known true, so compiled away
+        nmask = tl.full([BLOCK_N], 1, tl.int1)
+        wmask = tl.full([BLOCK_N, BLOCK_KW], 1, tl.int1)
+    else:
+        nmask = rn < N
+        wmask = nmask[:, None] & (wcol < KW)[None, :]
     w_off = rn[:, None] * KW + wcol[None, :]
     w0 = tl.load(W + w_off, mask=wmask, other=0)
     if NT > 1:
         w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
     if NT > 2:
         w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
+    if EPILOGUE != EPI_INT:  # and what the epilogue reads that no launch in flight writes
+        ws0 = tl.load(WS)
+        if NQ > 1:
+            ws1 = tl.load(WS + 1)
+        if NQ > 2:
+            ws2 = tl.load(WS + 2)
+        if EPILOGUE == EPI_RESIDUAL and EARLY_RES:
+            res = tl.load(RES + m * N + rn, mask=nmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if EPILOGUE == EPI_MLGRU:
+            if HAS_LB:
+                lb = tl.load(LB + rn, mask=nmask, other=0.0)
+            if EARLY_RES:
+                h_old = tl.load(H + m * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
+            gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
+        if NQN > 0:
+            nb = tl.load(NB + tl.arange(0, 4)[:, None] * N + rn[None, :],
+                         mask=(tl.arange(0, 4) < NQN)[:, None] & nmask[None, :], other=0.0)  # fmt: skip
+            if NEXT_A == 1:
+                a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
     if USE_PDL:  # launched early, beside the previous launch: wait for it before reading what it wrote,
         tl.extra.cuda.gdc_wait()  # then let the next launch start loading its weights
         tl.extra.cuda.gdc_launch_dependents()
@@ -177,7 +203,10 @@ def w2a8_gemv_kernel(
     qs2 = tl.zeros([BLOCK_KW], tl.int32)
     for s in tl.static_range(4):
         offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
-        kmask = offs < K
+        if EVEN:
+            kmask = tl.full([BLOCK_KW, 4], 1, tl.int1)
+        else:
+            kmask = offs < K
         if EPILOGUE == EPI_INT:
             q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
         else:
@@ -234,14 +263,14 @@ def w2a8_gemv_kernel(
         if EPILOGUE == EPI_INT:  # one part, input already int8
             tl.store(out_row + rn, i0, mask=nmask)
         else:
-            y0 = i0.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+            y0 = i0.to(tl.float32) * (amax0 / 127.0) * ws0
             if NT > 1:
                 if SHARED_QUANT:
-                    y1 = i1.to(tl.float32) * (amax0 / 127.0) * tl.load(WS)
+                    y1 = i1.to(tl.float32) * (amax0 / 127.0) * ws0
                 else:
-                    y1 = i1.to(tl.float32) * (amax1 / 127.0) * tl.load(WS + 1)
+                    y1 = i1.to(tl.float32) * (amax1 / 127.0) * ws1
             if NT > 2:
-                y2 = i2.to(tl.float32) * (amax2 / 127.0) * tl.load(WS + 2)
+                y2 = i2.to(tl.float32) * (amax2 / 127.0) * ws2
             if EPILOGUE == EPI_STORE:
                 tl.store(out_row + rn, y0, mask=nmask)
                 if NT > 1:
@@ -249,18 +278,20 @@ def w2a8_gemv_kernel(
                 if NT > 2:
                     tl.store(out_row + 2 * N + rn, y2, mask=nmask)
             elif EPILOGUE == EPI_RESIDUAL:
-                v = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32) + y0
+                if not EARLY_RES:
+                    res = tl.load(RES + m * N + rn, mask=nmask, other=0.0).to(tl.float32)
+                v = res + y0
                 tl.store(out_row + rn, v, mask=nmask)
             elif EPILOGUE == EPI_MLGRU:
                 f = tl.sigmoid(y1)
                 if HAS_LB:
-                    lb = tl.load(LB + rn, mask=nmask, other=0.0)
                     f = lb + (1.0 - lb) * f
                 i = y0 * tl.sigmoid(y0) * (1.0 - f)
-                h = f * tl.load(H + m * N + rn, mask=nmask, other=0.0) + i
+                if not EARLY_RES:
+                    h_old = tl.load(H + m * N + rn, mask=nmask, other=0.0)
+                h = f * h_old + i
                 tl.store(H + m * N + rn, h, mask=nmask)
                 tl.store(out_row + rn, y2, mask=nmask)
-                gw = tl.load(GW + rn, mask=nmask, other=0.0).to(tl.float32)
                 gate = gw * h * tl.sigmoid(h)
                 tl.store(OUT2 + m * N + rn, gate, mask=nmask)
                 v = y2
@@ -268,10 +299,8 @@ def w2a8_gemv_kernel(
                 v = y0 * tl.sigmoid(y0) * y1
                 tl.store(out_row + rn, v, mask=nmask)
             if NQN > 0:  # sums of the row this launch wrote, for the launch that reads it next
-                if NEXT_A == 1:
-                    a_next = tl.load(NA + rn, mask=nmask, other=0.0).to(tl.float32)
-                elif NEXT_A == 2:
+                if NEXT_A == 2:
                     a_next = gate
-                else:
+                elif NEXT_A == 0:
                     a_next = v
-                _next_sums(v, a_next, NB, rn, nmask, N, ST_OUT + m * 5, NQN, NEXT_A != 0)
+                _next_sums(v, a_next, nb, nmask, ST_OUT + m * 5, NQN, NEXT_A != 0)

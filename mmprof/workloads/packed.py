@@ -107,16 +107,19 @@ class PackedBlock(nn.Module):
         (`w2a8_gemv`'s next_sums); x_sums are x's (None: computed here); reader is (norm weights,
         pre-norm weight) of the launch that reads this layer's output."""
         ifg, o, gate, down = self.ifg, self.o_proj, self.gate_proj, self.down_proj
+        # each launch's residual (x, x2) and state were written two or more launches back: settled
         g, gate_in = w2a8_gemv(x, ifg.norm, ifg.packed, ifg.w_scale, parts=3, pre_weight=self.attn_norm,
                                pre_eps=self.eps, epilogue="mlgru", state=state, lower_bound=lower_bound,
-                               gate_weight=self.g_norm, sums=x_sums, next_sums=(sums[0], o.norm, "gate"))  # fmt: skip
+                               gate_weight=self.g_norm, sums=x_sums, next_sums=(sums[0], o.norm, "gate"),
+                               settled=True)  # fmt: skip
         x2 = w2a8_gemv(g, o.norm, o.packed, o.w_scale, pre_weight=gate_in, pre_eps=self.eps, epilogue="residual",
-                       residual=x, sums=sums[0], next_sums=(sums[1], gate.norm, self.mlp_norm))  # fmt: skip
+                       residual=x, sums=sums[0], next_sums=(sums[1], gate.norm, self.mlp_norm),
+                       settled=True)  # fmt: skip
         z = w2a8_gemv(x2, gate.norm, gate.packed, gate.w_scale, parts=2, shared_quant=True,
                       pre_weight=self.mlp_norm, pre_eps=self.eps, epilogue="glu", sums=sums[1],
                       next_sums=(sums[2], down.norm, None))  # fmt: skip
         return w2a8_gemv(z, down.norm, down.packed, down.w_scale, epilogue="residual", residual=x2, sums=sums[2],
-                         next_sums=(sums[3], *reader))  # fmt: skip
+                         next_sums=(sums[3], *reader), settled=True)  # fmt: skip
 
 
 class PackedMMFreeLM(nn.Module):

@@ -55,7 +55,7 @@ CASES = {  # name: (parts, shared_quant, epilogue, pre-norm weight per row)
 }
 
 
-def check_fused(shape, case, device, dtype=torch.float32, pre=True):
+def check_fused(shape, case, device, dtype=torch.float32, pre=True, settled=False):
     parts, shared, epilogue, row_pre = CASES[case]
     m, k, n = shape
     _, packed, scales = packed_parts(parts, n, k, device, shared)
@@ -72,7 +72,7 @@ def check_fused(shape, case, device, dtype=torch.float32, pre=True):
         states = [torch.randn(m, n, device=device) for _ in range(2)]
         states[1].copy_(states[0])
         kw.update(lower_bound=torch.rand(n, device=device), gate_weight=1 + 0.3 * torch.randn(n, device=device))
-    out = w2a8_gemv(x, norms, packed, scales, backend="triton", state=states and states[0], **kw)
+    out = w2a8_gemv(x, norms, packed, scales, backend="triton", state=states and states[0], settled=settled, **kw)
     ref = w2a8_gemv_ref(x, norms, packed, scales, state=states and states[1], **kw)
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for a, b in zip(outs, refs):
@@ -114,6 +114,12 @@ def test_gpu_workspace_left_zeroed():
 @pytest.mark.parametrize("shape", [CPU_SHAPES[1], CPU_SHAPES[3]], ids=ids)
 def test_fused_kernel_matches_twin(shape, case):
     check_fused(shape, case, "cpu", dtype=torch.float16 if case == "store" else torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["residual", "mlgru"])
+def test_settled_residual_and_state_read_early(case):
+    check_fused(CPU_SHAPES[2], case, "cpu", settled=True)
 
 
 @needs_interpreter
@@ -177,7 +183,7 @@ def test_gpu_integer_core_is_bit_exact(shape):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_fused_kernel_matches_twin(case, dtype):
-    check_fused((2, 2560, 2560), case, "cuda", dtype=dtype)
+    check_fused((2, 2560, 2560), case, "cuda", dtype=dtype, settled=case in ("residual", "mlgru"))
 
 
 def check_sums_chain(device, dtype=torch.float32):
@@ -213,3 +219,36 @@ def test_row_sums_passed_between_launches():
 @pytest.mark.gpu
 def test_gpu_row_sums_passed_between_launches():
     check_sums_chain("cuda")
+
+
+def test_tuned_table_holds_valid_configurations():
+    from mmprof.kernels.w2a8_tuned import TUNED
+
+    for table in TUNED.values():
+        for (n, k, parts, epilogue), (block_n, block_kw, warps) in table.items():
+            assert epilogue in w2a8_gemv_module.EPILOGUES and parts in (1, 2, 3) and k % 16 == 0
+            assert all(v > 0 and v & (v - 1) == 0 for v in (block_n, block_kw, warps))
+            assert block_n >= w2a8_gemv_module._SMALLEST_BLOCK_N  # the arrival counts are sized by it
+
+
+def test_pinned_configuration_beats_the_tuned_table(monkeypatch):
+    mod = w2a8_gemv_module
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setattr(mod, "_tuned_for", lambda device: {(64, 32, 1, "residual"): (16, 8, 2)})
+    monkeypatch.setattr(mod, "_pins", {})
+    nargs, kw = {"N": 64, "K": 32, "X": torch.zeros(1)}, {"NT": 1, "EPILOGUE": mod.EPILOGUES["residual"]}
+    everything = ["a", "b"]
+
+    def picked():
+        (config,) = mod._pinned(everything, nargs, **kw)
+        return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_KW"], config.num_warps
+
+    assert picked() == (16, 8, 2)
+    mod._pins[(64, 32, 1, "residual")] = (32, 4, 1)
+    assert picked() == (32, 4, 1)
+    mod._pins.clear()
+    monkeypatch.setattr(mod, "USE_TUNED", False)
+    assert mod._pinned(everything, nargs, **kw) is everything
+    kw["EPILOGUE"] = mod.EPILOGUES["glu"]  # a shape the table lacks is autotuned
+    monkeypatch.setattr(mod, "USE_TUNED", True)
+    assert mod._pinned(everything, nargs, **kw) is everything
