@@ -39,14 +39,12 @@ INT_ARGS = {"N", "K", "KW", "stride_x", "stride_a", "stride_out"}
 INT_POINTERS = {"W", "ACC", "CNT"}
 
 
-def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split: bool, early: bool,
-                 chunks: int = 1) -> bytes:
+def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split: bool, early: bool) -> bytes:
     parts, shared, epilogue = LAUNCHES[launch]
     consts = dict(NT=parts, SHARED_QUANT=shared, HAS_PRE=True, A_ROWS=False, NQ=1 if shared else parts,
                   EPILOGUE=EPILOGUES[epilogue], HAS_LB=epilogue == "mlgru", USE_PTX=True, HAS_ST_IN=True,
                   NQN=0 if epilogue == "store" else 1, NEXT_A=NEXT_PRE[epilogue], STATS_BLOCK=4096,
-                  ONE_SPLIT=one_split, EVEN=True, USE_PDL=True, EARLY_RES=early, BLOCK_N=block_n, BLOCK_KW=block_kw,
-                  CHUNKS=chunks)  # fmt: skip
+                  ONE_SPLIT=one_split, EVEN=True, USE_PDL=True, EARLY_RES=early, BLOCK_N=block_n, BLOCK_KW=block_kw)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tri.w2a8_gemv_kernel.arg_names):
         if name in consts:
@@ -74,12 +72,11 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--one-split", action="store_true", help="the slice is the whole row (no atomics)")
     ap.add_argument("--late-reads", action="store_true", help="residual and state read after the wait")
-    ap.add_argument("--chunks", type=int, default=1, help="K blocks per program (the counts are of one)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "w2a8_gemv.cubin"
         cubin.write_bytes(compile_sm90(args.launch, args.block_n, args.block_kw, args.warps, args.one_split,
-                                       not args.late_reads, args.chunks))
+                                       not args.late_reads))
         usage, sass = cuobjdump("-res-usage", str(cubin)), cuobjdump("-sass", str(cubin))
     ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     words = LAUNCHES[args.launch][0] * args.block_n * args.block_kw / (32 * args.warps)

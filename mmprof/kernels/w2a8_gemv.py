@@ -51,11 +51,11 @@ from mmprof.kernels.w2a8_tuned import TUNED
 EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("residual", tri.EPI_RESIDUAL),
                                                  ("mlgru", tri.EPI_MLGRU), ("glu", tri.EPI_GLU)]}
 
-_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw, "CHUNKS": 1}, warps) for bn, kw, warps in [
+_GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [
     (32, 32, 4), (64, 32, 4), (128, 32, 8), (64, 64, 8), (16, 128, 4), (32, 128, 8)]]  # fmt: skip
-_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2, "CHUNKS": 1}
+_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
-_pins: dict[tuple, tuple] = {}  # (N, K, parts, epilogue) -> (BLOCK_N, BLOCK_KW, num_warps[, CHUNKS]): pin_configs
+_pins: dict[tuple, tuple] = {}  # (N, K, parts, epilogue) -> (BLOCK_N, BLOCK_KW, num_warps): see pin_configs
 USE_TUNED = True  # the GPU's table in w2a8_tuned where it has the shape; False: autotune every shape
 _EPILOGUE_NAMES = {code: name for name, code in EPILOGUES.items()} | {tri.EPI_INT.value: "int"}
 
@@ -65,15 +65,15 @@ def _tuned_for(device: torch.device) -> dict:
     return TUNED.get(torch.cuda.get_device_name(device), {}) if device.type == "cuda" else {}
 
 
-def _fixed_config(key: tuple, device: torch.device) -> dict | None:
-    """The launch options pinned or tuned for this launch shape, None to autotune it."""
+def _pinned(configs, nargs, **kwargs):
+    """The autotuner's pruning hook: the one configuration pinned or tuned for this launch shape."""
+    key = (nargs["N"], nargs["K"], kwargs["NT"], _EPILOGUE_NAMES[kwargs["EPILOGUE"]])
     pin = _pins.get(key)
-    if pin is None and USE_TUNED and not interpreting():
-        pin = _tuned_for(device).get(key)
-    if pin is None:
-        return None
-    _used[key] = (*pin[:3], pin[3] if len(pin) > 3 else 1)
-    return {"BLOCK_N": pin[0], "BLOCK_KW": pin[1], "CHUNKS": _used[key][3], "num_warps": 1 if interpreting() else pin[2]}
+    if pin is None and USE_TUNED:
+        pin = _tuned_for(nargs["X"].device).get(key)
+    if pin is None or interpreting():
+        return configs
+    return [triton.Config({"BLOCK_N": pin[0], "BLOCK_KW": pin[1]}, num_warps=pin[2])]
 
 
 def _tiles_exactly(args) -> bool:
@@ -81,14 +81,12 @@ def _tiles_exactly(args) -> bool:
     return args["N"] % args["BLOCK_N"] == 0 and args["KW"] % args["BLOCK_KW"] == 0 and args["K"] == 16 * args["KW"]
 
 
-_fixed_kernel = triton.heuristics(  # launched with given options (pinned or tuned), else autotuned:
-    {"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"] * args["CHUNKS"], "EVEN": _tiles_exactly}
-)(tri.w2a8_gemv_kernel)
 _kernel = triton.autotune(
-    configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG), key=["N", "K", "NT", "EPILOGUE"],
+    configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
+    key=["N", "K", "NT", "EPILOGUE"], prune_configs_by={"early_config_prune": _pinned},
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(_fixed_kernel)
-_used: dict[tuple, tuple] = {}  # what the pinned or tuned launches ran with (chosen_configs)
+)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"], "EVEN": _tiles_exactly})(
+    tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min([config.kwargs["BLOCK_N"] for config in _kernel.configs]
                         + [pin[0] for table in TUNED.values() for pin in table.values()])  # fmt: skip
 _workspaces: dict[torch.device, Tensor] = {}
@@ -102,22 +100,18 @@ def _has_dependent_launch(device: torch.device) -> bool:  # asked at every launc
 
 
 def pin_configs(pins: dict[tuple, tuple]) -> None:
-    """Launch shapes (N, K, parts, epilogue name) -> (BLOCK_N, BLOCK_KW, num_warps[, CHUNKS]) to
-    use instead of the tuned table or the autotuner (also under the interpreter); the autotuner's
-    earlier choices are forgotten. A program multiplies CHUNKS (default 1) consecutive K blocks of
-    BLOCK_KW words, loading the next while it multiplies one."""
+    """Launch shapes (N, K, parts, epilogue name) -> (BLOCK_N, BLOCK_KW, num_warps) to use instead
+    of the tuned table or the autotuner; the autotuner's earlier choices are forgotten."""
     _pins.clear()
     _pins.update(pins)
     _kernel.cache.clear()
-    _used.clear()
 
 
 def chosen_configs() -> dict[tuple, tuple]:
     """What each launch shape (N, K, parts, epilogue name) has run with so far: pinned, tuned or
     autotuned."""
-    tuned = {(*key[:3], _EPILOGUE_NAMES[key[3]]): (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_KW"], c.num_warps,
-                                                    c.kwargs["CHUNKS"]) for key, c in _kernel.cache.items()}  # fmt: skip
-    return tuned | _used
+    return {(*key[:3], _EPILOGUE_NAMES[key[3]]): (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_KW"], c.num_warps)
+            for key, c in _kernel.cache.items()}  # fmt: skip
 
 
 def _workspace(device: torch.device, ints: int) -> Tensor:
@@ -208,22 +202,19 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
     smallest_block = min([_SMALLEST_BLOCK_N, *(pin[0] for pin in _pins.values())])
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, smallest_block))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"] * meta["CHUNKS"]),  # noqa: E731
-                         m)  # fmt: skip
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
     pdl = DEPENDENT_LAUNCH and x.is_cuda and _has_dependent_launch(x.device)
     launch = {"launch_pdl": True} if pdl else {}  # the interpreter takes no launch options
-    fixed = _fixed_config((n, k, parts, _EPILOGUE_NAMES[epilogue]), x.device)
-    kernel, options = (_kernel, launch) if fixed is None else (_fixed_kernel, launch | fixed)
     with device_guard(x):
-        kernel[grid](
+        _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
             ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:],
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,
             NEXT_A=next_kind, STATS_BLOCK=min(STATS_BLOCK, triton.next_power_of_2(k)), USE_PDL=pdl,
-            EARLY_RES=settled and EARLY_READS, **options,
+            EARLY_RES=settled and EARLY_READS, **launch,
         )  # fmt: skip
 
 

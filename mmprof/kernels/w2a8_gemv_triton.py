@@ -77,14 +77,6 @@ def _pack4(q, shifts):
 
 
 @triton.jit
-def _tile_mask(nmask, col, KW, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """Which words of a weight tile exist: rows nmask, word columns col; all when EVEN."""
-    if EVEN:
-        return tl.full([BLOCK_N, BLOCK_KW], 1, tl.int1)
-    return nmask[:, None] & (col < KW)[None, :]
-
-
-@triton.jit
 def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum x^2, sum (x*a)^2 and max |x*a*b_p| (p < 3) of one input row (the statistics pass)."""
     ss1 = tl.zeros([BLOCK_K], tl.float32)
@@ -132,30 +124,26 @@ def w2a8_gemv_kernel(
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
     HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
     ONE_SPLIT: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr, EARLY_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     # the weight tile first: nothing it needs has to be waited for
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_first = pid_k * CHUNKS  # this program's K chunks of BLOCK_KW words: c_first .. c_end - 1
-    if CHUNKS == 1:
-        c_end = c_first + 1
-    else:
-        c_end = tl.minimum(c_first + CHUNKS, tl.cdiv(KW, BLOCK_KW))
+    wcol = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
     if EVEN:  # the blocks tile the matrix exactly: masks known true, so compiled away
         nmask = tl.full([BLOCK_N], 1, tl.int1)
+        wmask = tl.full([BLOCK_N, BLOCK_KW], 1, tl.int1)
     else:
         nmask = rn < N
-    w_rows = W + rn[:, None] * KW
-    wcol = c_first * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    wmask = _tile_mask(nmask, wcol, KW, EVEN, BLOCK_N, BLOCK_KW)
-    w0 = tl.load(w_rows + wcol[None, :], mask=wmask, other=0)
+        wmask = nmask[:, None] & (wcol < KW)[None, :]
+    w_off = rn[:, None] * KW + wcol[None, :]
+    w0 = tl.load(W + w_off, mask=wmask, other=0)
     if NT > 1:
-        w1 = tl.load(w_rows + N * KW + wcol[None, :], mask=wmask, other=0)
+        w1 = tl.load(W + N * KW + w_off, mask=wmask, other=0)
     if NT > 2:
-        w2 = tl.load(w_rows + 2 * N * KW + wcol[None, :], mask=wmask, other=0)
+        w2 = tl.load(W + 2 * N * KW + w_off, mask=wmask, other=0)
     if EPILOGUE != EPI_INT:  # and what the epilogue reads that no launch in flight writes
         ws0 = tl.load(WS)
         if NQ > 1:
@@ -213,51 +201,35 @@ def w2a8_gemv_kernel(
     qs0 = tl.zeros([BLOCK_KW], tl.int32)
     qs1 = tl.zeros([BLOCK_KW], tl.int32)
     qs2 = tl.zeros([BLOCK_KW], tl.int32)
-    for c in range(c_first, c_end):
-        wcol = c * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        if CHUNKS > 1:  # the next chunk's tiles, in flight while this one is multiplied
-            ncol = wcol + BLOCK_KW
-            nm = _tile_mask(nmask, ncol, KW, EVEN, BLOCK_N, BLOCK_KW) & (ncol < c_end * BLOCK_KW)[None, :]
-            n0 = tl.load(w_rows + ncol[None, :], mask=nm, other=0)
-            if NT > 1:
-                n1 = tl.load(w_rows + N * KW + ncol[None, :], mask=nm, other=0)
-            if NT > 2:
-                n2 = tl.load(w_rows + 2 * N * KW + ncol[None, :], mask=nm, other=0)
-        for s in tl.static_range(4):
-            offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
-            if EVEN:
-                kmask = tl.full([BLOCK_KW, 4], 1, tl.int1)
+    for s in tl.static_range(4):
+        offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
+        if EVEN:
+            kmask = tl.full([BLOCK_KW, 4], 1, tl.int1)
+        else:
+            kmask = offs < K
+        if EPILOGUE == EPI_INT:
+            q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+        else:
+            xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_PRE:
+                xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+            q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
+        qs0 += tl.sum(q0, axis=1)
+        x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+        acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
+        if NT > 1:
+            if SHARED_QUANT:
+                x1 = x0
             else:
-                kmask = offs < K
-            if EPILOGUE == EPI_INT:
-                q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
-            else:
-                xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                if HAS_PRE:
-                    xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
-                q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
-            qs0 += tl.sum(q0, axis=1)
-            x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-            acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
-            if NT > 1:
-                if SHARED_QUANT:
-                    x1 = x0
-                else:
-                    q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
-                    qs1 += tl.sum(q1, axis=1)
-                    x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
-            if NT > 2:
-                q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
-                qs2 += tl.sum(q2, axis=1)
-                x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-                acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
-        if CHUNKS > 1:
-            w0 = n0
-            if NT > 1:
-                w1 = n1
-            if NT > 2:
-                w2 = n2
+                q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
+                qs1 += tl.sum(q1, axis=1)
+                x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
+        if NT > 2:
+            q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
+            qs2 += tl.sum(q2, axis=1)
+            x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
+            acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
     i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
     if NT > 1:
         if SHARED_QUANT:

@@ -225,53 +225,30 @@ def test_tuned_table_holds_valid_configurations():
     from mmprof.kernels.w2a8_tuned import TUNED
 
     for table in TUNED.values():
-        for (n, k, parts, epilogue), (block_n, block_kw, warps, *chunks) in table.items():
+        for (n, k, parts, epilogue), (block_n, block_kw, warps) in table.items():
             assert epilogue in w2a8_gemv_module.EPILOGUES and parts in (1, 2, 3) and k % 16 == 0
             assert all(v > 0 and v & (v - 1) == 0 for v in (block_n, block_kw, warps))
-            assert chunks == [] or (len(chunks) == 1 and chunks[0] >= 1)
             assert block_n >= w2a8_gemv_module._SMALLEST_BLOCK_N  # the arrival counts are sized by it
 
 
 def test_pinned_configuration_beats_the_tuned_table(monkeypatch):
     mod = w2a8_gemv_module
-    key = (64, 32, 1, "residual")
     monkeypatch.setattr(mod, "interpreting", lambda: False)
-    monkeypatch.setattr(mod, "_tuned_for", lambda device: {key: (16, 8, 2)})
+    monkeypatch.setattr(mod, "_tuned_for", lambda device: {(64, 32, 1, "residual"): (16, 8, 2)})
     monkeypatch.setattr(mod, "_pins", {})
-    monkeypatch.setattr(mod, "_used", {})
-    assert mod._fixed_config(key, torch.device("cpu")) == {"BLOCK_N": 16, "BLOCK_KW": 8, "CHUNKS": 1, "num_warps": 2}
-    mod._pins[key] = (32, 4, 1, 3)
-    assert mod._fixed_config(key, torch.device("cpu")) == {"BLOCK_N": 32, "BLOCK_KW": 4, "CHUNKS": 3, "num_warps": 1}
-    assert mod.chosen_configs()[key] == (32, 4, 1, 3)
+    nargs, kw = {"N": 64, "K": 32, "X": torch.zeros(1)}, {"NT": 1, "EPILOGUE": mod.EPILOGUES["residual"]}
+    everything = ["a", "b"]
+
+    def picked():
+        (config,) = mod._pinned(everything, nargs, **kw)
+        return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_KW"], config.num_warps
+
+    assert picked() == (16, 8, 2)
+    mod._pins[(64, 32, 1, "residual")] = (32, 4, 1)
+    assert picked() == (32, 4, 1)
     mod._pins.clear()
     monkeypatch.setattr(mod, "USE_TUNED", False)
-    assert mod._fixed_config(key, torch.device("cpu")) is None
+    assert mod._pinned(everything, nargs, **kw) is everything
+    kw["EPILOGUE"] = mod.EPILOGUES["glu"]  # a shape the table lacks is autotuned
     monkeypatch.setattr(mod, "USE_TUNED", True)
-    assert mod._fixed_config((64, 32, 2, "glu"), torch.device("cpu")) is None  # a shape the table lacks: autotuned
-
-
-def check_chunked(shape, case, device, pin):
-    """A program walking several K blocks (the next one's weights loaded while one is multiplied)."""
-    parts, _, epilogue, _ = CASES[case]
-    m, k, n = shape
-    pins = {(n, k, parts, epilogue): pin}
-    try:
-        w2a8_gemv_module.pin_configs(pins)
-        check_fused(shape, case, device, settled=True)
-        assert w2a8_gemv_module.chosen_configs()[(n, k, parts, epilogue)] == pin
-    finally:
-        w2a8_gemv_module.pin_configs({})
-
-
-@needs_interpreter
-@pytest.mark.parametrize("chunks", [2, 3])
-@pytest.mark.parametrize("case", ["mlgru", "glu", "residual"])
-def test_chunked_programs_match_twin(case, chunks):
-    check_chunked((2, 200, 12), case, "cpu", (4, 2, 1, chunks))  # 13 words a row: the last chunk ragged
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pin", [(64, 32, 4, 2), (32, 32, 4, 4), (64, 16, 4, 3)], ids=str)
-@pytest.mark.parametrize("case", ["mlgru", "glu", "residual"])
-def test_gpu_chunked_programs_match_twin(case, pin):
-    check_chunked((2, 2560, 2560), case, "cuda", pin)
+    assert mod._pinned(everything, nargs, **kw) is everything
