@@ -37,7 +37,7 @@ def step_us(model) -> float:
     return us
 
 
-def tune(size: str, rows: list) -> dict:
+def tune(size: str, rows: list, candidates: list) -> dict:
     model = random_packed_model(size)
     w2a8_gemv.pin_configs({})
     start_us = step_us(model)
@@ -48,7 +48,7 @@ def tune(size: str, rows: list) -> dict:
     for key in list(pins):
         label = "N{} K{} parts{} {}".format(*key)
         trials = {}
-        for cand in CANDIDATES:
+        for cand in candidates:
             w2a8_gemv.pin_configs({**pins, key: cand})
             trials[cand] = step_us(model)
             rows.append([size, label, "x".join(map(str, cand)), "", trials[cand]])
@@ -72,14 +72,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1.3b,13b")
     ap.add_argument("--out", default=None, help="CSV file to write")
+    ap.add_argument("--candidates", default=None, help="BLOCK_NxBLOCK_KWxWARPS,... to try (default: a built-in list)")
     ap.add_argument("--autotuned", action="store_true", help="start from the autotuner's picks, not the tuned table")
     args = ap.parse_args()
     w2a8_gemv.USE_TUNED = not args.autotuned
+    candidates = [tuple(int(v) for v in c.split("x")) for c in args.candidates.split(",")] if args.candidates else CANDIDATES
     rows = []
     print(f"on {torch.cuda.get_device_name()}", flush=True)
     with torch.inference_mode():
         for size in args.sizes.split(","):
-            tune(size, rows)
+            tune(size, rows, candidates)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:

@@ -127,7 +127,7 @@ def _one_decode(dec, prompt, spec: DecodeSpec, prof: Profiler | None, label: str
         prof.begin(f"decode {label}")
     clock.mark()
     for _ in range(spec.new_tokens - 1):
-        token = dec.step(token).argmax(-1)
+        token = dec.greedy_step(token)
         clock.mark()
     m = prof.end(f"decode {label}") if prof is not None else None
     return prefill_s, ttft_s, clock.intervals_s(), m

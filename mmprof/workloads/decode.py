@@ -57,6 +57,10 @@ class Decoder:
         """Feed one token per sequence ([B] or [B, 1]); return its logits [B, vocab]."""
         return self._run(next_ids.reshape(self.batch, 1))
 
+    def greedy_step(self, next_ids: Tensor) -> Tensor:
+        """Feed one token per sequence; return the most likely next ids [B]."""
+        return self.step(next_ids).argmax(-1)
+
 
 class GraphDecoder:
     """The `Decoder` API over a static decoder; on CUDA (`use_graph` None) or with `use_graph=True`
@@ -64,10 +68,13 @@ class GraphDecoder:
 
     The graph is captured at the first prefill that leaves room for a step: the static decoder is
     prefilled, stepped a few times on a side stream (warm-up: lazy initialisation, allocator), and
-    its step is captured (capture runs nothing) reading a static ids buffer. The warm-up steps
-    advanced the state, so the prompt is then prefilled again, which resets it. Later prefills reuse
-    the graph: the position lives on the device, so a replay continues from wherever prefill left it.
-    Logits are returned as a fresh tensor (a copy of the graph's output buffer).
+    its step is captured (capture runs nothing) reading a static ids buffer, followed by the greedy
+    choice of the next ids (argmax), written back into that buffer. The warm-up steps advanced the
+    state, so the prompt is then prefilled again, which resets it. Later prefills reuse the graph:
+    the position lives on the device, so a replay continues from wherever prefill left it. `step`
+    copies the given ids in and returns the logits as a fresh tensor (a copy of the graph's output
+    buffer); `greedy_step` returns the ids buffer itself, and given it back copies nothing: a greedy
+    decoding loop is one graph replay per token and no other GPU work.
     """
 
     WARMUP_STEPS = 3
@@ -108,23 +115,40 @@ class GraphDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._logits = self.decoder.step(self._ids)
+                torch.argmax(self._logits, dim=-1, out=self._ids)  # the greedy next ids, fed back in place
             self.graph = graph
 
     @torch.inference_mode()
     def step(self, next_ids: Tensor) -> Tensor:
         """Feed one token per sequence ([B] or [B, 1]); return its logits [B, vocab]."""
+        ids = self._next_position(next_ids)
+        if self.graph is None:
+            return self.decoder.step(ids)
+        self._replay(ids)
+        return self._logits.clone()
+
+    @torch.inference_mode()
+    def greedy_step(self, next_ids: Tensor) -> Tensor:
+        """Feed one token per sequence; return the most likely next ids [B]. With a graph they are
+        its ids buffer, overwritten by the next step: pass it straight back, or clone it to keep it."""
+        ids = self._next_position(next_ids)
+        if self.graph is None:
+            return self.decoder.step(ids).argmax(-1)
+        self._replay(ids)
+        return self._ids
+
+    def _next_position(self, next_ids: Tensor) -> Tensor:
         if self.length == 0:
             raise UserError("decoder: step before prefill")
         ids = next_ids.reshape(-1)
         check_room(self, ids.shape[0], self.length, 1)
-        if self.graph is None:
-            logits = self.decoder.step(ids)
-        else:
-            self._ids.copy_(ids)
-            self.graph.replay()
-            logits = self._logits.clone()
         self.length += 1
-        return logits
+        return ids
+
+    def _replay(self, ids: Tensor) -> None:
+        if ids.data_ptr() != self._ids.data_ptr():  # the buffer greedy_step returned holds them already
+            self._ids.copy_(ids)
+        self.graph.replay()
 
 
 def make_decoder(

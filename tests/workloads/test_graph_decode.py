@@ -177,3 +177,46 @@ def test_cuda_graph_logits_are_fresh_tensors_and_a_full_prompt_captures_nothing(
     kept = a.clone()
     b = decoder.step(ids[:, 4])
     assert torch.equal(a, kept) and not torch.equal(a, b)
+
+
+def greedy_tokens(decoder, prompt, steps, fed_back=True):
+    """Greedy ids after the prompt: the first from the prefill's logits, then `steps` greedy steps,
+    each fed the ids the step before returned (or a copy of them, fed_back=False)."""
+    token = decoder.prefill(prompt).argmax(-1)
+    out = [token.clone()]
+    for _ in range(steps):
+        token = decoder.greedy_step(token if fed_back else token.clone())
+        out.append(token.clone())
+    return torch.stack(out, 1)
+
+
+def test_greedy_step_is_the_argmax_of_step():
+    model = transformer(kv_heads=2)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    expected = [model_ids.argmax(-1) for model_ids in teacher_forced_logits_of_greedy(model, prompt, 4)]
+    for decoder in (Decoder(model, 2, 10), GraphDecoder(model.static_decoder(2, 10), use_graph=False)):
+        assert torch.equal(greedy_tokens(decoder, prompt, 4)[:, 1:], torch.stack(expected[1:], 1))
+
+
+def teacher_forced_logits_of_greedy(model, prompt, steps):
+    """The logits of each greedy position, by the model's full forward over the growing sequence."""
+    ids, logits = prompt, []
+    for _ in range(steps + 1):
+        logits.append(model(ids).logits[:, -1])
+        ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], 1)
+    return logits
+
+
+@pytest.mark.gpu
+def test_cuda_graph_greedy_steps_feed_themselves_back():
+    model = transformer(device="cuda", dtype=torch.bfloat16, **GPU_SHAPE)
+    prompt = torch.randint(0, 512, (3, 6), device="cuda")
+    graph = GraphDecoder(model.static_decoder(3, 30), use_graph=True)
+    eager = GraphDecoder(model.static_decoder(3, 30), use_graph=False)
+    got = greedy_tokens(graph, prompt, 20)
+    assert graph.graph is not None
+    assert torch.equal(got, greedy_tokens(graph, prompt, 20, fed_back=False))
+    # each id the graph chose is the eager steps' best given the same prefix, up to bf16 near-ties
+    logits = teacher_forced(eager, torch.cat([prompt, got[:, :-1]], 1), 6).float()
+    best, chosen = logits.amax(-1), logits.gather(-1, got[..., None]).squeeze(-1)
+    assert (best - chosen).max() <= 1e-2 * best.abs().max()
