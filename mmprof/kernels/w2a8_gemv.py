@@ -89,6 +89,7 @@ _kernel = triton.autotune(
     tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min([config.kwargs["BLOCK_N"] for config in _kernel.configs]
                         + [pin[0] for table in TUNED.values() for pin in table.values()])  # fmt: skip
+_smallest_block_n = _SMALLEST_BLOCK_N  # with the pins' too: what the arrival counts are sized for
 _workspaces: dict[torch.device, Tensor] = {}
 DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (Hopper on); False: plain launches
 EARLY_READS = True  # settled residuals and states read before waiting for the previous launch; False: after
@@ -102,8 +103,10 @@ def _has_dependent_launch(device: torch.device) -> bool:  # asked at every launc
 def pin_configs(pins: dict[tuple, tuple]) -> None:
     """Launch shapes (N, K, parts, epilogue name) -> (BLOCK_N, BLOCK_KW, num_warps) to use instead
     of the tuned table or the autotuner; the autotuner's earlier choices are forgotten."""
+    global _smallest_block_n
     _pins.clear()
     _pins.update(pins)
+    _smallest_block_n = min([_SMALLEST_BLOCK_N, *(pin[0] for pin in pins.values())])
     _kernel.cache.clear()
 
 
@@ -200,8 +203,7 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     k, m = x.shape[1], x.shape[0]
     a_rows = a is not None and a.dim() == 2
     sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
-    smallest_block = min([_SMALLEST_BLOCK_N, *(pin[0] for pin in _pins.values())])
-    work = _workspace(x.device, sums_ints + m * triton.cdiv(n, smallest_block))
+    work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _smallest_block_n))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
     pdl = DEPENDENT_LAUNCH and x.is_cuda and _has_dependent_launch(x.device)
