@@ -53,7 +53,7 @@ EPILOGUES = {name: code.value for name, code in [("store", tri.EPI_STORE), ("res
 
 _GPU_CONFIGS = [({"BLOCK_N": bn, "BLOCK_KW": kw}, warps) for bn, kw, warps in [
     (32, 32, 4), (64, 32, 4), (128, 32, 8), (64, 64, 8), (16, 128, 4), (32, 128, 8)]]  # fmt: skip
-_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 2}
+_INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_KW": 4}
 STATS_BLOCK = 4096  # inputs per pass of the statistics loop: one or a few passes at the presets' widths
 _pins: dict[tuple, tuple] = {}  # (N, K, parts, epilogue) -> (BLOCK_N, BLOCK_KW, num_warps): see pin_configs
 USE_TUNED = True  # the GPU's table in w2a8_tuned where it has the shape; False: autotune every shape

@@ -71,9 +71,38 @@ def _quantize(xa, b_ptr, offs, mask, mult, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _pack4(q, shifts):
-    """[BLOCK_KW, 4] int8 levels -> [BLOCK_KW] int32 words, byte b holding column b."""
-    return tl.sum((q & 0xFF) << shifts[None, :], axis=1)
+def _quarters(t):
+    """[R, C] -> four [R, C // 4]: columns 4j, 4j + 1, 4j + 2, 4j + 3 (a thread's four adjacent
+    columns, so nothing moves between threads)."""
+    h0, h1 = tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 4, 2, 2]))
+    c0, c1 = tl.split(h0)
+    c2, c3 = tl.split(h1)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _times_codes(q, w, ss, USE_PTX: tl.constexpr):
+    """The int8 levels q [BLOCK_KW, 4, 4] of a slice's inputs (column c, word s, byte b: input
+    16c + 4s + b) times its ternary weights w [BLOCK_N, BLOCK_KW] (codes t + 1, so the levels' sum is
+    subtracted): [BLOCK_N] int32.
+
+    Code s of every byte is masked in place (w & 3 << 2s, so it comes out times 4^s) and multiplied
+    by its activation word with dp4a; the products of one s are chained through a thread's four
+    adjacent columns, and the four chains are weighted 64, 16, 4, 1 once, so a weight word costs four
+    masks and four dp4a and no shifts."""
+    p = tl.sum((q & 0xFF) << (8 * ss)[None, None, :], axis=2)  # [BLOCK_KW, 4]: word s of column c
+    w0, w1, w2, w3 = _quarters(w)
+    acc = tl.zeros([w.shape[0], w.shape[1] // 4], tl.int32)
+    for s in tl.static_range(4):
+        xs = tl.broadcast_to(tl.sum(tl.where(ss[None, :] == s, p, 0), axis=1)[None, :], w.shape)
+        x0, x1, x2, x3 = _quarters(xs)
+        m = tl.full([], 0x03030303, tl.int32) << (2 * s)  # int32: 0xC0C0C0C0 as a literal would be unsigned
+        a = _dot4(x0, w0 & m, tl.zeros_like(acc), USE_PTX)
+        a = _dot4(x1, w1 & m, a, USE_PTX)
+        a = _dot4(x2, w2 & m, a, USE_PTX)
+        a = _dot4(x3, w3 & m, a, USE_PTX)
+        acc = acc * 4 + a
+    return (tl.sum(acc, axis=1) >> 6) - tl.sum(tl.sum(tl.sum(q, axis=2), axis=1))
 
 
 @triton.jit
@@ -192,52 +221,29 @@ def w2a8_gemv_kernel(
         mult1 = rowmult * (127.0 / amax1)
         mult2 = rowmult * (127.0 / amax2)
 
-    # this program's slice of the inputs, quantised and packed four to a word, times the codes
-    bb = tl.arange(0, 4)
-    shifts = 8 * bb
-    acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.int32)
-    qs0 = tl.zeros([BLOCK_KW], tl.int32)
-    qs1 = tl.zeros([BLOCK_KW], tl.int32)
-    qs2 = tl.zeros([BLOCK_KW], tl.int32)
-    for s in tl.static_range(4):
-        offs = wcol[:, None] * 16 + 4 * s + bb[None, :]
-        if EVEN:
-            kmask = tl.full([BLOCK_KW, 4], 1, tl.int1)
-        else:
-            kmask = offs < K
-        if EPILOGUE == EPI_INT:
-            q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
-        else:
-            xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
-            if HAS_PRE:
-                xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
-            q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
-        qs0 += tl.sum(q0, axis=1)
-        x0 = tl.broadcast_to(_pack4(q0, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-        acc0 = _dot4(x0, (w0 >> (2 * s)) & 0x03030303, acc0, USE_PTX)
-        if NT > 1:
-            if SHARED_QUANT:
-                x1 = x0
-            else:
-                q1 = _quantize(xa, B + K, offs, kmask, mult1, USE_PTX)
-                qs1 += tl.sum(q1, axis=1)
-                x1 = tl.broadcast_to(_pack4(q1, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-            acc1 = _dot4(x1, (w1 >> (2 * s)) & 0x03030303, acc1, USE_PTX)
-        if NT > 2:
-            q2 = _quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX)
-            qs2 += tl.sum(q2, axis=1)
-            x2 = tl.broadcast_to(_pack4(q2, shifts)[None, :], (BLOCK_N, BLOCK_KW))
-            acc2 = _dot4(x2, (w2 >> (2 * s)) & 0x03030303, acc2, USE_PTX)
-    i0 = tl.sum(acc0, axis=1) - tl.sum(qs0)
+    # this program's slice of the inputs, quantised once per part: [BLOCK_KW, 4 (s), 4 (byte)] levels,
+    # packed into four words per word column (word s holding inputs 4s .. 4s+3)
+    ss = tl.arange(0, 4)
+    offs = wcol[:, None, None] * 16 + 4 * ss[None, :, None] + ss[None, None, :]
+    if EVEN:
+        kmask = tl.full([BLOCK_KW, 4, 4], 1, tl.int1)
+    else:
+        kmask = offs < K
+    if EPILOGUE == EPI_INT:
+        q0 = tl.load(x_row + offs, mask=kmask, other=0).to(tl.int32)
+    else:
+        xa = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            xa = xa * tl.load(a_row + offs, mask=kmask, other=0.0).to(tl.float32)
+        q0 = _quantize(xa, B, offs, kmask, mult0, USE_PTX)
+    i0 = _times_codes(q0, w0, ss, USE_PTX)
     if NT > 1:
         if SHARED_QUANT:
-            i1 = tl.sum(acc1, axis=1) - tl.sum(qs0)
+            i1 = _times_codes(q0, w1, ss, USE_PTX)
         else:
-            i1 = tl.sum(acc1, axis=1) - tl.sum(qs1)
+            i1 = _times_codes(_quantize(xa, B + K, offs, kmask, mult1, USE_PTX), w1, ss, USE_PTX)
     if NT > 2:
-        i2 = tl.sum(acc2, axis=1) - tl.sum(qs2)
+        i2 = _times_codes(_quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX), w2, ss, USE_PTX)
 
     # split K: the slices' sums meet in ACC; the program that adds the last one finishes the rows
     is_last = True
