@@ -44,7 +44,7 @@ def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split
     consts = dict(NT=parts, SHARED_QUANT=shared, HAS_PRE=True, A_ROWS=False, NQ=1 if shared else parts,
                   EPILOGUE=EPILOGUES[epilogue], HAS_LB=epilogue == "mlgru", USE_PTX=True, HAS_ST_IN=True,
                   NQN=0 if epilogue == "store" else 1, NEXT_A=NEXT_PRE[epilogue], STATS_BLOCK=4096,
-                  ONE_SPLIT=one_split, EVEN=True, USE_PDL=True, EARLY_RES=early, BLOCK_N=block_n, BLOCK_KW=block_kw)  # fmt: skip
+                  ONE_SPLIT=one_split, ROW_FINISH=parts <= 2 and not one_split, EVEN=True, USE_PDL=True, EARLY_RES=early, BLOCK_N=block_n, BLOCK_KW=block_kw)  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tri.w2a8_gemv_kernel.arg_names):
         if name in consts:
@@ -53,7 +53,8 @@ def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split
         if name.startswith("eps"):
             signature[name] = "fp32"
             continue
-        signature[name] = "i32" if name in INT_ARGS else "*i32" if name in INT_POINTERS else "*fp32"
+        signature[name] = ("i32" if name in INT_ARGS else "*i32" if name in INT_POINTERS else "*i64" if name == "ACC64"
+                           else "*fp32")
         attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=tri.w2a8_gemv_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]

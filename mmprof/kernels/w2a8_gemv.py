@@ -81,17 +81,27 @@ def _tiles_exactly(args) -> bool:
     return args["N"] % args["BLOCK_N"] == 0 and args["KW"] % args["BLOCK_KW"] == 0 and args["K"] == 16 * args["KW"]
 
 
+def _rows_finish(args) -> bool:
+    """Split-K rows finished by the program adding their last slice, seen in the value a 64-bit atomic
+    returns (arrival count and sums in one word): one part (32-bit sum), or two whose sums fit in 24
+    bits (|sum| <= 128 K < 2^23). Else (or with ROW_FINISH off) a block's programs count arrivals."""
+    fits = args["NT"] == 1 or (args["NT"] == 2 and 128 * args["K"] < 1 << 23)
+    return ROW_FINISH and fits and args["KW"] > args["BLOCK_KW"]
+
+
 _kernel = triton.autotune(
     configs=autotune_configs(_GPU_CONFIGS, interpret=_INTERPRET_CONFIG),
     key=["N", "K", "NT", "EPILOGUE"], prune_configs_by={"early_config_prune": _pinned},
     restore_value=["H", "ST_OUT"],  # benchmarking runs a launch many times: keep in-place state and sums
-)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"], "EVEN": _tiles_exactly})(
+)(triton.heuristics({"ONE_SPLIT": lambda args: args["KW"] <= args["BLOCK_KW"], "EVEN": _tiles_exactly,
+                     "ROW_FINISH": _rows_finish})(
     tri.w2a8_gemv_kernel))
 _SMALLEST_BLOCK_N = min([config.kwargs["BLOCK_N"] for config in _kernel.configs]
                         + [pin[0] for table in TUNED.values() for pin in table.values()])  # fmt: skip
 _smallest_block_n = _SMALLEST_BLOCK_N  # with the pins' too: what the arrival counts are sized for
 _workspaces: dict[torch.device, Tensor] = {}
 DEPENDENT_LAUNCH = True  # programmatic dependent launch where the GPU has it (Hopper on); False: plain launches
+ROW_FINISH = True  # see _rows_finish; False: every split-K launch counts arrivals per block of rows
 EARLY_READS = True  # settled residuals and states read before waiting for the previous launch; False: after
 
 
@@ -202,7 +212,7 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
             raise ValueError("residual, state and sums buffers must be contiguous")
     k, m = x.shape[1], x.shape[0]
     a_rows = a is not None and a.dim() == 2
-    sums_ints = m * parts * n  # ACC: [M, parts, N] slice sums, then CNT: [M, N blocks] counts
+    sums_ints = m * max(parts, 2) * n  # ACC: [M, parts, N] int32 or [M, N] int64 sums, then CNT: [M, N blocks]
     work = _workspace(x.device, sums_ints + m * triton.cdiv(n, _smallest_block_n))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(packed.shape[1], meta["BLOCK_KW"]), m)  # noqa: E731
     ptr = lambda t: out if t is None else t  # noqa: E731
@@ -211,7 +221,7 @@ def _launch(x, packed, out, n, parts, *, epilogue, shared=True, nq=1, a=None, b=
     with device_guard(x):
         _kernel[grid](
             x, ptr(a), ptr(b), packed, ptr(ws), out, ptr(res), ptr(h), ptr(lb), ptr(gw), ptr(out2), ptr(st_in),
-            ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:],
+            ptr(st_out), ptr(na), ptr(nb), work, work[sums_ints:], work[: 2 * m * n].view(torch.int64),
             n, k, packed.shape[1], x.stride(0), a.stride(0) if a_rows else 0, out.stride(0), float(pre_eps), float(eps),
             NT=parts, SHARED_QUANT=shared, HAS_PRE=a is not None, A_ROWS=a_rows, NQ=nq, EPILOGUE=epilogue,
             HAS_LB=lb is not None, USE_PTX=not interpreting(), HAS_ST_IN=st_in is not None, NQN=nqn,

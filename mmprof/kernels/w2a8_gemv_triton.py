@@ -147,12 +147,12 @@ def _next_sums(v, a, nb, nmask, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexp
 
 @triton.jit
 def w2a8_gemv_kernel(
-    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB, ACC, CNT,
+    X, A, B, W, WS, OUT, RES, H, LB, GW, OUT2, ST_IN, ST_OUT, NA, NB, ACC, CNT, ACC64,
     N, K, KW, stride_x, stride_a, stride_out, eps1, eps2,
     NT: tl.constexpr, SHARED_QUANT: tl.constexpr, HAS_PRE: tl.constexpr, A_ROWS: tl.constexpr,
     NQ: tl.constexpr, EPILOGUE: tl.constexpr, HAS_LB: tl.constexpr, USE_PTX: tl.constexpr,
     HAS_ST_IN: tl.constexpr, NQN: tl.constexpr, NEXT_A: tl.constexpr, STATS_BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr, EARLY_RES: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, ROW_FINISH: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr, EARLY_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -245,9 +245,31 @@ def w2a8_gemv_kernel(
     if NT > 2:
         i2 = _times_codes(_quantize(xa, B + 2 * K, offs, kmask, mult2, USE_PTX), w2, ss, USE_PTX)
 
-    # split K: the slices' sums meet in ACC; the program that adds the last one finishes the rows
+    # split K: the slices' sums meet in the workspace; whoever adds a row's last one finishes that row
     is_last = True
-    if not ONE_SPLIT:
+    if ROW_FINISH:  # one returned 64-bit atomic per row: the parts' sums and an arrival count in one word
+        if NT == 1:
+            one = tl.full([], 1 << 32, tl.int64)
+            val = i0.to(tl.int64) + one
+        else:
+            one = tl.full([], 1 << 48, tl.int64)
+            val = i0.to(tl.int64) + (i1.to(tl.int64) << 24) + one
+        acc_row = ACC64 + m * N + rn
+        tot = tl.atomic_add(acc_row, val, mask=nmask, sem="relaxed") + val
+        if NT == 1:
+            i0 = ((tot << 32) >> 32).to(tl.int32)
+            arrived = (tot - i0) >> 32
+        else:
+            lo = (tot << 40) >> 40  # the low field, sign-extended
+            i0 = lo.to(tl.int32)
+            rest = (tot - lo) >> 24
+            hi = (rest << 40) >> 40
+            i1 = hi.to(tl.int32)
+            arrived = (rest - hi) >> 24
+        nmask = nmask & (arrived == tl.num_programs(1))  # the rows this program finishes
+        tl.store(acc_row, tl.zeros_like(tot), mask=nmask)  # zeroed for the next launch: all have added
+        is_last = tl.max(nmask.to(tl.int32), axis=0) > 0
+    elif not ONE_SPLIT:
         acc_row = ACC + m * NT * N
         tl.atomic_add(acc_row + rn, i0, mask=nmask, sem="relaxed")
         if NT > 1:
@@ -258,7 +280,7 @@ def w2a8_gemv_kernel(
         count = CNT + m * tl.num_programs(0) + pid_n
         is_last = tl.atomic_add(count, 1, sem="acq_rel") == tl.num_programs(1) - 1
     if is_last:
-        if not ONE_SPLIT:  # read the totals and leave ACC and the count zeroed for the next launch
+        if not ONE_SPLIT and not ROW_FINISH:  # read the totals and leave ACC and the count zeroed
             i0 = tl.atomic_xchg(acc_row + rn, tl.zeros_like(i0), mask=nmask, sem="relaxed")
             if NT > 1:
                 i1 = tl.atomic_xchg(acc_row + N + rn, tl.zeros_like(i0), mask=nmask, sem="relaxed")

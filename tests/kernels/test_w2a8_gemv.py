@@ -96,16 +96,51 @@ def check_workspace_left_zeroed(device):
     for shape in ((2, 100, 19), (1, 64, 40), (2, 100, 19)):
         check_int_core(shape, device)
         check_fused(shape, "mlgru", device)
+        check_fused(shape, "glu", device)
         assert not w2a8_gemv_module._workspaces[torch.empty(0, device=device).device].any()
 
 
 @needs_interpreter
-def test_workspace_left_zeroed():
+@pytest.mark.parametrize("row_finish", [True, False], ids=["rows-finished-by-last-adder", "block-arrival-counts"])
+def test_workspace_left_zeroed(row_finish, monkeypatch):
+    monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
     check_workspace_left_zeroed("cpu")
 
 
+def check_extreme_sums(device, k):
+    """Rows at the largest sums a launch can reach (every level -128 or 127, every weight of a row
+    the same sign) come out exact: the two parts' 24-bit fields and the arrival count of the
+    row-finishing word carry and borrow into each other."""
+    m, n = 2, 12
+    q = torch.full((m, k), -128, dtype=torch.int8, device=device)
+    q[1] = 127
+    t = torch.ones(n, k, dtype=torch.int8, device=device)
+    t[::2] = -1
+    packed = pack_ternary(t)
+    assert torch.equal(w2a8_gemv_int(q, packed, k, backend="triton"), w2a8_matmul_ref(q, packed, k))
+    x = torch.ones(m, k, device=device)
+    x[1] = -1
+    two = torch.cat([packed, pack_ternary(-t)])
+    norms, scales = torch.ones(1, k, device=device), torch.full((1,), 1e-3, device=device)
+    out = w2a8_gemv(x, norms, two, scales, parts=2, shared_quant=True, epilogue="glu", backend="triton")
+    ref = w2a8_gemv_ref(x, norms, two, scales, parts=2, shared_quant=True, epilogue="glu")
+    assert rel_rms_error(out, ref) < 1e-6
+
+
+@needs_interpreter
+def test_extreme_sums_are_exact():
+    check_extreme_sums("cpu", 160)
+
+
 @pytest.mark.gpu
-def test_gpu_workspace_left_zeroed():
+def test_gpu_extreme_sums_are_exact():
+    check_extreme_sums("cuda", 5120)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row_finish", [True, False], ids=["rows-finished-by-last-adder", "block-arrival-counts"])
+def test_gpu_workspace_left_zeroed(row_finish, monkeypatch):
+    monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
     check_workspace_left_zeroed("cuda")
 
 
