@@ -30,6 +30,9 @@ CANDIDATES = [(32, 32, 4), (64, 32, 4), (16, 128, 4), (32, 128, 8), (128, 16, 4)
               (32, 128, 4), (64, 128, 8), (256, 32, 8), (256, 16, 4), (128, 16, 2), (64, 32, 2), (256, 32, 4)]  # fmt: skip
 
 
+SWITCHES = ("EARLY_READS", "ROW_FINISH")  # w2a8_gemv module switches, on by default
+
+
 def step_us(model) -> float:
     dec = graphed_decoder(model, 1)
     us = time_fn(dec.graph.replay, warmup=5, repeats=40, device="cuda").median_s * 1e6
@@ -56,12 +59,15 @@ def tune(size: str, rows: list, candidates: list) -> dict:
         print(f"  {label}: " + ", ".join(f"{'x'.join(map(str, c))} {us:.1f}" for c, us in trials.items())
               + f"  -> {pins[key]}", flush=True)  # fmt: skip
     w2a8_gemv.pin_configs(pins)
-    for early in (True, False):
-        w2a8_gemv.EARLY_READS = early
+    us = step_us(model)
+    rows.append([size, "kept", "", "", us])
+    print(f"{size}: kept configurations: step {us:.1f} us", flush=True)
+    for switch in SWITCHES:  # each of the kernel's optional designs turned off in turn, at the kept configurations
+        setattr(w2a8_gemv, switch, False)
         us = step_us(model)
-        rows.append([size, "kept", "", f"early_reads={early}", us])
-        print(f"{size}: kept configurations, early reads {early}: step {us:.1f} us", flush=True)
-    w2a8_gemv.EARLY_READS = True
+        setattr(w2a8_gemv, switch, True)
+        rows.append([size, "kept", "", f"{switch.lower()}=False", us])
+        print(f"{size}: kept configurations, {switch} off: step {us:.1f} us", flush=True)
     print(f"{size} pins = {pins!r}", flush=True)
     del model
     torch.cuda.empty_cache()
