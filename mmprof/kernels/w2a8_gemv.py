@@ -114,6 +114,9 @@ def pin_configs(pins: dict[tuple, tuple]) -> None:
     """Launch shapes (N, K, parts, epilogue name) -> (BLOCK_N, BLOCK_KW, num_warps) to use instead
     of the tuned table or the autotuner; the autotuner's earlier choices are forgotten."""
     global _smallest_block_n
+    for key, (block_n, block_kw, warps) in pins.items():
+        if block_kw % 4:  # a thread's four adjacent word columns are chained (see _times_codes)
+            raise ValueError(f"{key}: BLOCK_KW must be a multiple of 4, got {block_kw}")
     _pins.clear()
     _pins.update(pins)
     _smallest_block_n = min([_SMALLEST_BLOCK_N, *(pin[0] for pin in pins.values())])

@@ -9,15 +9,15 @@ epilogue), values (BLOCK_N, BLOCK_KW, num_warps). Shapes and GPUs not listed are
 """
 
 TUNED: dict[str, dict[tuple, tuple]] = {
-    # H200, 2026-11-28 (results/h200/kernels/tune-packed-step/: 1.3b from tune2.csv, 2.7b and 13b
-    # from tune3.csv, each a pass from the picks before it)
+    # H200, 2026-11-28 (results/h200/kernels/tune-packed-step/): 1.3b and 13b from tune6.csv (the
+    # masked-in-place kernel with row finishing), 2.7b from tune3.csv (the kernel before them)
     "NVIDIA H200": {
         # 1.3b: d 2048, intermediate 5632, vocab 32000
-        (2048, 2048, 3, "mlgru"): (32, 128, 8),
-        (2048, 2048, 1, "residual"): (32, 128, 4),
-        (5632, 2048, 2, "glu"): (16, 128, 4),
+        (2048, 2048, 3, "mlgru"): (64, 128, 8),
+        (2048, 2048, 1, "residual"): (32, 128, 8),
+        (5632, 2048, 2, "glu"): (32, 128, 8),
         (2048, 5632, 1, "residual"): (128, 32, 4),
-        (32000, 2048, 1, "store"): (32, 128, 8),
+        (32000, 2048, 1, "store"): (256, 32, 4),
         # 2.7b: d 2560, intermediate 6912
         (2560, 2560, 3, "mlgru"): (128, 16, 4),
         (2560, 2560, 1, "residual"): (32, 128, 4),
@@ -26,9 +26,9 @@ TUNED: dict[str, dict[tuple, tuple]] = {
         (32000, 2560, 1, "store"): (64, 32, 2),
         # 13b: d 5120, intermediate 13824
         (5120, 5120, 3, "mlgru"): (256, 32, 4),
-        (5120, 5120, 1, "residual"): (64, 128, 8),
-        (13824, 5120, 2, "glu"): (256, 32, 8),
-        (5120, 13824, 1, "residual"): (256, 32, 4),
-        (32000, 5120, 1, "store"): (256, 32, 4),
+        (5120, 5120, 1, "residual"): (128, 32, 4),
+        (13824, 5120, 2, "glu"): (128, 32, 4),
+        (5120, 13824, 1, "residual"): (128, 32, 4),
+        (32000, 5120, 1, "store"): (128, 32, 4),
     },
 }

@@ -26,7 +26,7 @@ from mmprof.kernels.bitlinear import NORM_EPS, rms_norm
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words
 from mmprof.kernels.w2a8_gemm import packed_bitlinear
-from mmprof.kernels.w2a8_gemv import w2a8_gemv
+from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.mmfree import layer_lower_bounds, mlgru_gates
 from mmprof.workloads.presets import ModelConfig
@@ -167,12 +167,22 @@ class PackedMMFreeLM(nn.Module):
         return head.prefill(rms_norm(x[:, -1], self.norm, self.config.rms_norm_eps))
 
     @torch.inference_mode()
-    def step(self, ids: Tensor, state: Tensor) -> Tensor:
-        """ids [B] -> logits [B, vocab] fp32; state [layers, B, d] fp32 is updated in place."""
+    def token_sums(self, rows_per_pass: int = 1024) -> Tensor:
+        """[vocab, 5] fp32: the row statistics (`row_sums_ref`) of every embedding row as layer 0's
+        first launch quantises it, so a step can look its input's up instead of summing it."""
+        first = self.layers[0]
+        table = self.embeddings.weight
+        return torch.cat([row_sums_ref(table[i : i + rows_per_pass].float(), first.ifg.norm, first.attn_norm)
+                          for i in range(0, table.shape[0], rows_per_pass)])  # fmt: skip
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor, state: Tensor, token_sums: Tensor | None = None) -> Tensor:
+        """ids [B] -> logits [B, vocab] fp32; state [layers, B, d] fp32 is updated in place.
+        token_sums: `token_sums()` (None: layer 0 sums its input itself)."""
         x = self.embeddings(ids).float()
         layers, head = self.layers, self.lm_head
         sums = x.new_zeros(len(layers), 4, x.shape[0], 5)
-        x_sums = None
+        x_sums = token_sums[ids] if token_sums is not None else None
         for n, layer in enumerate(layers):
             reader = (layers[n + 1].ifg.norm, layers[n + 1].attn_norm) if n + 1 < len(layers) else (head.norm, self.norm)
             x = layer.step(x, self._bound(n), state[n], sums[n], x_sums, reader)
@@ -196,15 +206,17 @@ class PackedMMFreeLM(nn.Module):
 
 
 class PackedStaticDecoder:
-    """The static-decoder protocol of `workloads.decode` for the packed model: a fixed state buffer."""
+    """The static-decoder protocol of `workloads.decode` for the packed model: a fixed state buffer,
+    and the embedding rows' statistics for layer 0 (`token_sums`, 20 bytes per vocabulary entry)."""
 
     def __init__(self, model: PackedMMFreeLM, batch: int, max_len: int, device=None):
         self.model, self.batch, self.max_len = model, batch, max_len
         self.state = model.init_state(batch, max_len, device)
+        self.token_sums = model.token_sums().to(self.state.device)
 
     def prefill(self, prompt_ids: Tensor) -> Tensor:
         self.state.zero_()
         return self.model.prefill(prompt_ids, self.state)
 
     def step(self, ids: Tensor) -> Tensor:
-        return self.model.step(ids.reshape(self.batch), self.state)
+        return self.model.step(ids.reshape(self.batch), self.state, self.token_sums)

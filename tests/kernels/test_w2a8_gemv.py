@@ -263,6 +263,7 @@ def test_tuned_table_holds_valid_configurations():
         for (n, k, parts, epilogue), (block_n, block_kw, warps) in table.items():
             assert epilogue in w2a8_gemv_module.EPILOGUES and parts in (1, 2, 3) and k % 16 == 0
             assert all(v > 0 and v & (v - 1) == 0 for v in (block_n, block_kw, warps))
+            assert block_kw % 4 == 0  # the kernel chains a thread's four adjacent word columns
             assert block_n >= w2a8_gemv_module._SMALLEST_BLOCK_N  # the arrival counts are sized by it
 
 

@@ -48,6 +48,23 @@ def test_prefill_and_steps_match_the_fake_quant_model():
         assert rel_rms_error(packed.step(ids[:, t], state), expected[:, t]) < 1e-3
 
 
+def test_step_with_looked_up_token_sums_matches_summing_them():
+    """Layer 0's input statistics looked up per token (`token_sums`) give the step its own sums."""
+    torch.manual_seed(2)
+    packed = PackedMMFreeLM.from_model(fake_quant_model())
+    table = packed.token_sums(rows_per_pass=100)  # several passes, the last one short
+    assert table.shape == (packed.config.vocab_size, 5)
+    ids = torch.randint(0, packed.config.vocab_size, (2, 4))
+    states = [packed.init_state(2) for _ in range(2)]
+    for state in states:
+        packed.prefill(ids[:, :2], state)
+    for t in range(2, 4):
+        looked_up = packed.step(ids[:, t], states[0], table)
+        summed = packed.step(ids[:, t], states[1])
+        assert rel_rms_error(looked_up, summed) < 1e-4
+    assert torch.allclose(states[0], states[1], rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_prefill_is_the_same_as_one_pass(monkeypatch):
     torch.manual_seed(1)
     packed = PackedMMFreeLM.from_model(fake_quant_model())
