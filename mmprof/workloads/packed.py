@@ -179,7 +179,7 @@ class PackedMMFreeLM(nn.Module):
     def step(self, ids: Tensor, state: Tensor, token_sums: Tensor | None = None) -> Tensor:
         """ids [B] -> logits [B, vocab] fp32; state [layers, B, d] fp32 is updated in place.
         token_sums: `token_sums()` (None: layer 0 sums its input itself)."""
-        x = self.embeddings(ids)  # in the embedding's dtype: layer 0's launches read it as it is
+        x = self.embeddings(ids).float()
         layers, head = self.layers, self.lm_head
         sums = x.new_zeros(len(layers), 4, x.shape[0], 5)
         x_sums = token_sums[ids] if token_sums is not None else None
