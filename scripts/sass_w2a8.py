@@ -2,8 +2,8 @@
 
 Triton's compiler and the ptxas/cuobjdump it ships need no GPU, so a kernel change can be read
 before any device time is spent: registers per thread (what bounds occupancy), barriers, and the
-kernel's instructions per 16-weight word of a program's tile against the 11 of the dp4a core (4 IDP,
-3 shifts, 4 masks). The counts are static: the whole kernel, the epilogue that only a block's last
+kernel's instructions per 16-weight word of a program's tile against the 8 of the dp4a core (4 IDP,
+4 masks). The counts are static: the whole kernel, the epilogue that only a block's last
 program runs included. The launch is one of a MatMul-free layer's (as bench_w2a8.py names them); the
 integer arguments are marked divisible by 16, as Triton specialises them at the presets' shapes, and
 the row statistics are read from the producer, as everywhere but layer 0.
@@ -84,7 +84,7 @@ def main() -> None:
     total = sum(ops.values())
     print(re.search(r"REG:\d+.*?SHARED:\d+", usage).group(0))
     print(f"{total} instructions (static) per thread for {words:g} weight words: {total / words:.1f} per word "
-          f"(the dp4a core is 11), {ops['BAR']} barriers")
+          f"(the dp4a core is 8), {ops['BAR']} barriers")
     print("  ".join(f"{name} {count}" for name, count in ops.most_common(16)))
 
 

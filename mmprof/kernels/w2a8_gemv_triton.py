@@ -6,16 +6,21 @@ loads its whole weight tile at once (one tile per program, so many loads are in 
 1. statistics: sum x^2, sum (x*a)^2 (with a pre-norm) and, per quantised part, max |x*a*b| - read
    from ST_IN when the launch that wrote x summed them, else computed in a pass over the row; from
    them the row's RMSNorm factors and int8 scales (see `w2a8_gemv.py` for the math);
-2. the product: its slice of the inputs is quantised to int8 in registers, four at a time packed
-   into one int32 word, and combined with the 2-bit weight codes of the same inputs by `dp4a` (a
-   4-way int8 dot product with int32 accumulation). Codes are t + 1 in {0, 1, 2}, so the sum of the
-   quantised inputs is subtracted once per row. No weight is ever multiplied: the only products are
-   the integer dot products on the decoded codes;
-3. split K: the slices' int32 sums are added into the workspace ACC with atomics (exact in any
-   order); each program then counts itself in CNT, and the one that arrives last reads the totals,
-   zeroes ACC and its count for the next launch, and runs the epilogue, with (NQN > 0) its share of
-   the statistics of the row it wrote, for the launch that reads it next, added to ST_OUT with
-   atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
+2. the product: its slice of the inputs is quantised to int8 in registers, once per part, and packed
+   four to an int32 word; each weight word's 2-bit codes (t + 1 in {0, 1, 2}, four per byte) are
+   masked where they sit, code s coming out times 4^s, and combined with the activation word of the
+   same inputs by `dp4a` (a 4-way int8 dot product with int32 accumulation), chained through a
+   thread's four adjacent word columns; the four chains are weighted 64, 16, 4, 1 once and the sum
+   shifted back (exact), and the quantised inputs' sum is subtracted once per row. No weight is ever
+   multiplied: the only products are the integer dot products on the codes;
+3. split K: the slices' integer sums meet in the workspace, and whoever adds a row's last slice
+   finishes that row. With one or two parts (ROW_FINISH), each program adds its sums and an arrival
+   count with one 64-bit atomic per row and sees in the returned value whether it completed the row;
+   if so it runs the row's epilogue and zeroes the word for the next launch. With three parts the
+   sums go to ACC with atomics, each program counts itself in CNT per block of rows, and the one that
+   arrives last reads the totals, zeroes ACC and its count, and runs the epilogue. The epilogue adds
+   (NQN > 0) its rows' share of the statistics of the row it wrote, for the launch that reads it
+   next, to ST_OUT with atomics. With one slice (ONE_SPLIT) the program runs the epilogue directly.
 
 Dependent launch (USE_PDL, Hopper on): the weights depend on no earlier launch, so a launch may start
 while the previous one is finishing (programmatic dependent launch). Each program loads its weight
@@ -72,8 +77,8 @@ def _quantize(xa, b_ptr, offs, mask, mult, USE_PTX: tl.constexpr):
 
 @triton.jit
 def _quarters(t):
-    """[R, C] -> four [R, C // 4]: columns 4j, 4j + 1, 4j + 2, 4j + 3 (a thread's four adjacent
-    columns, so nothing moves between threads)."""
+    """[R, C] -> four [R, C // 4]: columns 4j, 4j + 2, 4j + 1 and 4j + 3 of t (the same split for
+    any tensor of t's shape). With four adjacent columns per thread nothing moves between threads."""
     h0, h1 = tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 4, 2, 2]))
     c0, c1 = tl.split(h0)
     c2, c3 = tl.split(h1)

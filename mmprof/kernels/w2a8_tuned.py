@@ -10,7 +10,8 @@ epilogue), values (BLOCK_N, BLOCK_KW, num_warps). Shapes and GPUs not listed are
 
 TUNED: dict[str, dict[tuple, tuple]] = {
     # H200, 2026-11-28 (results/h200/kernels/tune-packed-step/), for the masked-in-place kernel with
-    # row finishing: 1.3b from tune6.csv, 2.7b and 13b from tune7.csv (13b: a pass from tune6's picks)
+    # row finishing: 1.3b from tune6-682c9b2.csv, 2.7b and 13b from tune7-e5c0978.csv (13b: a pass from
+    # tune6's picks)
     "NVIDIA H200": {
         # 1.3b: d 2048, intermediate 5632, vocab 32000
         (2048, 2048, 3, "mlgru"): (64, 128, 8),
