@@ -98,8 +98,13 @@ def gpu_peak_tflops(name: str | None, override: float | None) -> float | None:
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """The exception's name and its message's first line, and its last where they differ (a
+    compiler's message opens with the place and ends with the cause); at most 300 characters."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1 and lines[-1] != lines[0]:
+        text = f"{text} ... {lines[-1]}"
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 
