@@ -12,6 +12,8 @@ from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 from mmprof.kernels import w2a8_gemv as w2a8_gemv_module
 from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_ref
 
+both_split_k_paths = pytest.mark.parametrize("row_finish", [True, False],
+                                             ids=["rows-finished-by-last-adder", "block-arrival-counts"])
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
 # (rows M, inputs K, outputs N): K not a multiple of 16 and N not of the block too; K split over
 # several programs, and (K = 20 under the interpreter, K = 512 on a GPU) not split
@@ -101,7 +103,7 @@ def check_workspace_left_zeroed(device):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("row_finish", [True, False], ids=["rows-finished-by-last-adder", "block-arrival-counts"])
+@both_split_k_paths
 def test_workspace_left_zeroed(row_finish, monkeypatch):
     monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
     check_workspace_left_zeroed("cpu")
@@ -138,7 +140,7 @@ def test_gpu_extreme_sums_are_exact():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("row_finish", [True, False], ids=["rows-finished-by-last-adder", "block-arrival-counts"])
+@both_split_k_paths
 def test_gpu_workspace_left_zeroed(row_finish, monkeypatch):
     monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
     check_workspace_left_zeroed("cuda")
