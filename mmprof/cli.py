@@ -11,13 +11,16 @@ import click
 
 from mmprof import __version__
 from mmprof.errors import UserError
+from mmprof.runners.options import MAX_SECONDS, MAX_STEPS, FiniteFloat
 
 
 class OneLineErrors(click.Group):
     """Every usage or input error is one line on stderr and exit code 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, **extra):
+        global _RUN_OPEN
         extra.pop("standalone_mode", None)
+        _RUN_OPEN = None
         try:
             rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except UserError as e:
@@ -30,12 +33,16 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             _fail(e.format_message())
         except click.exceptions.Abort:
-            _fail("aborted")
+            _fail(f"aborted; the finished rows are kept: add --resume {_RUN_OPEN} to the same command "
+                  "to measure the rest" if _RUN_OPEN else "aborted")
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
         sys.exit(0)
+
+
+_RUN_OPEN: Path | None = None     # the run folder a command is writing (named if it is interrupted)
 
 
 def _fail(message: str) -> None:
@@ -68,10 +75,10 @@ def env(as_json: bool) -> None:
 @click.option("--columns", help="comma-separated columns to show (default: the informative ones)")
 def report(runs: tuple[str, ...], baseline: str | None, fmt: str, columns: str | None) -> None:
     """Show one or more runs (folders or CSVs), optionally relative to baseline rows."""
-    from mmprof.results import build_report, check_format, parse_baseline, read_run, render
+    from mmprof.results import build_report, check_format, parse_baseline, render
 
     check_format(fmt)
-    loaded = [read_run(r, raw=True) for r in runs]
+    loaded = _read_runs(runs, raw=True)
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     frame = build_report(loaded, parse_baseline(baseline), cols)
     title = ", ".join(r.run_id for r in loaded) if fmt == "table" else None
@@ -85,36 +92,65 @@ def report(runs: tuple[str, ...], baseline: str | None, fmt: str, columns: str |
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="write a Markdown table")
 def export(runs: tuple[str, ...], csv_path: str | None, latex_path: str | None, md_path: str | None) -> None:
     """Concatenate runs into one tidy file for a paper (provenance on every row)."""
-    from mmprof.results import export as export_runs, read_run
+    from mmprof.results import export as export_runs
 
     targets = [(f, p) for f, p in (("csv", csv_path), ("latex", latex_path), ("markdown", md_path)) if p]
     if len(targets) != 1:
         raise UserError("give exactly one of --csv FILE, --latex FILE, --markdown FILE")
     fmt, dest = targets[0]
-    loaded = [read_run(r, raw=True) for r in runs]
+    loaded = _read_runs(runs, raw=True)
     n = export_runs(loaded, fmt, Path(dest))
     click.echo(f"wrote {n} rows from {len(loaded)} run(s) to {dest}")
 
+def _read_runs(paths, raw: bool = False) -> list:
+    """Read runs; a torn final row (cut mid-write) is skipped, with one line on stderr for each."""
+    from mmprof.results import read_run
+
+    loaded = [read_run(p, raw=raw) for p in paths]
+    for run in loaded:
+        if run.torn_notice():
+            click.echo(f"warning: {run.torn_notice()}", err=True)
+    return loaded
 
 
-def _open_writer(command: str, out: str | None, resume: str | None, device: str):
-    """A new run folder (or the resumed one) with GPU and driver in its meta.json."""
+def _open_writer(command: str, out: str | None, resume: str | None, device: str, spec=None,
+                 swept: set[str] = frozenset()):
+    """A new run folder (or the resumed one, locked, checked against `spec`) with GPU and driver in its
+    meta.json; `swept`: the spec's list fields a resume may extend."""
+    global _RUN_OPEN
     from mmprof.results import RunWriter, default_run_dir
+    from mmprof.runners.options import check_path_option, check_resume, spec_record
 
+    check_path_option("out", out)
+    check_path_option("resume", resume)
     if out and resume:
         raise UserError("give --out or --resume, not both")
     if resume:
-        return RunWriter.resume(resume, command)
+        writer = RunWriter.resume(resume, command)
+        try:
+            if spec is not None:
+                check_resume(writer.resumed, spec, swept)
+        except UserError:
+            writer.close()
+            raise
+        for notice in writer.notices:
+            click.echo(f"note: {notice}", err=True)
+        _RUN_OPEN = writer.path
+        return writer
     from mmprof.profiler import cuda_index, system_info
 
     info = system_info()
     meta = {"system": info}
+    if spec is not None:
+        meta["spec"] = spec_record(spec)
     index = cuda_index(device)
     if index is not None:
         gpu = next((g for g in info["gpus"] if g.get("index") == index), {})
         meta.update(gpu=gpu.get("name"), driver=gpu.get("driver"))
     path = Path(out) if out else default_run_dir(command)
-    return RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
+    writer = RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
+    _RUN_OPEN = writer.path
+    return writer
 
 
 def _progress():
@@ -129,20 +165,25 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
     """Run a sweep into `writer` (skipping what a resumed run has), with a progress bar; then print it."""
     from mmprof.results import build_report, done_keys, read_run, render, row_key
 
+    global _RUN_OPEN
     skip = done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
     todo = runner.configs(spec)
-    with _progress() as bar:
-        task = bar.add_task(label, total=len(todo))
+    try:
+        with _progress() as bar:
+            task = bar.add_task(label, total=len(todo))
 
-        def emit(row):
-            writer.append(row)
-            if row.get("row_kind") != "rank" or row.get("world_size", 1) == 1:   # one step per configuration
-                bar.advance(task)
+            def emit(row):
+                writer.append(row)
+                if row.get("row_kind") != "rank" or row.get("world_size", 1) == 1:   # one step per configuration
+                    bar.advance(task)
 
-        runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
-                   trace_path=writer.trace_path("power_trace.csv"),
-                   on_start=lambda cfg: bar.update(task, description=f"{label} {cfg.label}"))
-    writer.finish()
+            runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
+                       trace_path=writer.trace_path("power_trace.csv"),
+                       on_start=lambda cfg: bar.update(task, description=f"{label} {cfg.label}"))
+        writer.finish()
+        _RUN_OPEN = None
+    finally:
+        writer.close()
     click.echo(render(build_report([read_run(writer.path, raw=True)]), fmt,
                       title=str(writer.path) if fmt == "table" else None), nl=False)
     if fmt == "table":
@@ -153,7 +194,7 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
     click.echo(f"run folder: {writer.path}", err=True)
 
 
-def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: tuple) -> None:
+def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: tuple, swept=frozenset()) -> None:
     """The sweep under torchrun: every rank measures; rank 0 alone opens the run folder, writes, prints."""
     from mmprof.runners.distributed import start
 
@@ -161,7 +202,7 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
     try:
         spec = dataclasses.replace(spec, device=job.device)
         runner = make_runner(job)
-        writer = job.share_call(lambda: _open_writer(command, out, resume, job.device))
+        writer = job.share_call(lambda: _open_writer(command, out, resume, job.device, spec, swept))
         if job.rank == 0:
             _sweep(writer, runner, spec, *sweep_args)
         else:
@@ -176,9 +217,9 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--bitlinear", default="fused,vanilla", show_default=True)
 @click.option("--batch", default="1,2,4,8,16,32", show_default=True)
 @click.option("--seq", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=5, show_default=True,
               help="timed steps (more when needed to fill --min-window-s)")
-@click.option("--warmup", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--warmup", type=click.IntRange(min=1, max=MAX_STEPS), default=2, show_default=True,
               help="untimed steps first (the first one allocates the optimizer state)")
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu | meta")
 @click.option("--gpus", default=None, help="GPU index (default 0)")
@@ -191,9 +232,9 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
               help="fsdp: FSDP2 under torchrun, one process per GPU (or its estimate with --device meta)")
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="processes of the sharded job (required with --shard fsdp --device meta)")
-@click.option("--min-window-s", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
-@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=1.0, show_default=True)
+@click.option("--idle-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=2.0, show_default=True)
+@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
               help="dense bf16 peak for MFU (default: the GPU's datasheet figure)")
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-train-memory)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
@@ -204,14 +245,19 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
     from mmprof.runners import train_memory as tm
+    from mmprof.runners.options import check_device_choice, check_estimate, check_train_fits
     from mmprof.runners.shard_plan import plan as shard_plan
+    from mmprof.settings import check_environment
     from mmprof.runners.sweep import parse_list, positive_int
     from mmprof.workloads import get_config
     from mmprof.workloads.checkpointing import CHECKPOINTING
 
     check_format(fmt)
+    check_environment()
     get_config(size)
+    check_device_choice(device, ("auto", "cuda", "cpu", "meta"), "train-memory")
     how = shard_plan(shard, world_size, device, gpus)
+    check_estimate(estimate, how.device)
     spec = tm.TrainMemorySpec(
         size=size,
         archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
@@ -222,12 +268,13 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
         shard=how.shard, world_size=how.world_size,
     )
+    check_train_fits(size, spec.batches, seq, precision, spec.device, spec.world_size)
     if how.distributed:
         from mmprof.runners.train_memory_fsdp import Runner
 
         return _sweep_job(how, Runner, spec, "train-memory", out, resume,
-                          (f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN))
-    writer = _open_writer("train-memory", out, resume, spec.device)
+                          (f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN), tm.SWEPT)
+    writer = _open_writer("train-memory", out, resume, spec.device, spec, tm.SWEPT)
     spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
     _sweep(writer, tm, spec, f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN)
 
@@ -237,10 +284,11 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
 @click.option("--out", "out_path", default=None, help="figure file (default RUN/plot.png)")
 def plot(run: str, out_path: str | None) -> None:
     """Plot a run: memory and step time vs batch, or power over time with phases marked."""
-    from mmprof.results import read_run
     from mmprof.results.plots import plot_run
+    from mmprof.runners.options import check_path_option
 
-    loaded = read_run(run)
+    check_path_option("out", out_path)
+    (loaded,) = _read_runs([run])
     dest = Path(out_path) if out_path else loaded.path / "plot.png"
     click.echo(f"wrote {plot_run(loaded, dest)}")
 
@@ -255,14 +303,14 @@ def plot(run: str, out_path: str | None) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--min-window-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1, max=MAX_STEPS), default=3, show_default=True)
+@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=2.0, show_default=True,
               help="repeats are added until the decode windows add up to this")
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
 @click.option("--gpus", default=None, help="GPU index (default 0)")
 @click.option("--shard", type=click.Choice(["none", "replicate"]), default="none", show_default=True,
               help="replicate: under torchrun, every GPU decodes its own prompts with a full replica")
-@click.option("--idle-s", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--idle-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=2.0, show_default=True)
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-decode-power)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
@@ -272,14 +320,18 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
     from mmprof.runners import decode_power as dp
+    from mmprof.runners.options import check_decode_fits, check_device_choice
     from mmprof.runners.shard_plan import plan as shard_plan
+    from mmprof.settings import check_environment
     from mmprof.runners.sweep import parse_list
     from mmprof.workloads import get_config
 
     check_format(fmt)
+    check_environment()
     sizes = parse_list(size, "size", str)
     for s in sizes:
         get_config(s)
+    check_device_choice(device, ("auto", "cuda", "cpu"), "decode-power", "decoding is measured, never estimated")
     how = shard_plan(shard, None, device, gpus, sharded="replicate", estimate_ok=False)
     resolved = how.device
     if resolved == "meta":
@@ -289,11 +341,12 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
         weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
         device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph,
     )
-    dp.configs(spec)                 # refuses unsupported weights or options before anything is written
+    todo = dp.configs(spec)          # refuses unsupported weights or options before anything is written
+    check_decode_fits([(c.arch, c.size, c.weights) for c in todo], batch, prompt_len, new_tokens, spec.device)
     if how.distributed:
         from mmprof.runners.decode_replicate import Runner
 
         return _sweep_job(how, Runner, spec, "decode-power", out, resume,
-                          ("decode-power", fmt, decode_summary, PAPER_DECODE))
-    writer = _open_writer("decode-power", out, resume, spec.device)
+                          ("decode-power", fmt, decode_summary, PAPER_DECODE), dp.SWEPT)
+    writer = _open_writer("decode-power", out, resume, spec.device, spec, dp.SWEPT)
     _sweep(writer, dp, spec, "decode-power", fmt, decode_summary, PAPER_DECODE)

@@ -80,7 +80,10 @@ class HostSource:
 
     def _find_zones(self) -> tuple[list[Path], str | None]:
         if not self._root.is_dir():
-            return [], f"no powercap interface at {self._root} (not Linux, or RAPL not exposed)"
+            if sys.platform != "linux":
+                return [], f"RAPL is read through Linux powercap; this is {sys.platform}"
+            return [], (f"no powercap interface at {self._root}: this kernel exposes no RAPL "
+                        "(intel_rapl driver not loaded, or a virtual machine)")
         zones = []
         for d in sorted(self._root.iterdir()):
             if not _PACKAGE_ZONE.match(d.name):

@@ -44,11 +44,16 @@ class Measurement:
             "energy_window_s": self.duration_s,
             "energy_integral_j": self.energy_integral_j,
             "n_power_samples": self.n_samples,
-            "low_confidence": int(self.low_confidence),
+            "low_confidence": int(self.low_confidence) if self.power_measured else None,
             "host_rss_peak_gib": self.host_rss_peak_gib,
             "cpu_util_pct": self.cpu_util_pct,
             "cpu_energy_j": self.cpu_energy_j,
         }
+
+    @property
+    def power_measured(self) -> bool:
+        """Whether the window has any GPU energy or power reading (low_confidence is empty without)."""
+        return self.energy_j is not None or self.energy_integral_j is not None
 
     def note(self) -> str:
         """One line for the CSV `note` column: caveats, then why fields are empty."""

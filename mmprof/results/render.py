@@ -55,12 +55,22 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTE_CHARS = 60   # the terminal table shortens notes to this; every other format keeps them whole
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= NOTE_CHARS else text[:NOTE_CHARS - 3].rstrip() + "..."
+
+
 def to_table(df: pd.DataFrame, title: str | None = None, console: Console | None = None) -> str:
-    table = Table(title=title, show_lines=False)
+    notes = [str(v) for v in df["note"]] if "note" in df.columns else []
+    cut = any(_short(n) != n for n in notes)
+    table = Table(title=title, show_lines=False,
+                  caption="notes shortened: the full text is in the CSV (--format csv)" if cut else None)
     for c in df.columns:
         table.add_column(str(c), overflow="fold")
     for rec in df.itertuples(index=False):
-        table.add_row(*[str(v) for v in rec])
+        table.add_row(*[_short(str(v)) if c == "note" else str(v) for c, v in zip(df.columns, rec)])
     console = console or Console(file=io.StringIO(), width=max(120, 14 * len(df.columns)))
     console.print(table)
     return console.file.getvalue() if isinstance(console.file, io.StringIO) else ""

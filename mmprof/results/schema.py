@@ -137,6 +137,27 @@ PROVENANCE_COLUMNS = {
 }
 
 
+# Cell types read back from a CSV are checked against (mmprof.results.validate). Spec columns are
+# text unless listed; metric columns are finite numbers unless listed. An empty cell always passes.
+INT_COLUMNS = {"batch", "seq", "steps", "warmup", "world_size", "local_gpu", "prompt_len", "new_tokens",
+               "repeats", "n_steps", "n_tokens_measured", "n_power_samples"}
+FLAG_COLUMNS = {"estimated", "cuda_graph", "low_confidence", "passed"}   # 0 | 1
+RANK_COLUMNS = {"rank"}                                                  # an integer or 'all'
+TEXT_METRIC_COLUMNS = {"unit", "target"}
+
+
+def column_type(column: str) -> str:
+    """int | flag | rank | float | text: what a stored cell of `column` must parse as."""
+    for kind, names in (("int", INT_COLUMNS), ("flag", FLAG_COLUMNS), ("rank", RANK_COLUMNS)):
+        if column in names:
+            return kind
+    if column in TEXT_METRIC_COLUMNS:
+        return "text"
+    if any(column in cols for cols in METRIC_COLUMNS.values()):
+        return "float"
+    return "text"
+
+
 def columns(command: str) -> list[str]:
     """Ordered CSV header of a command's measurements.csv."""
     if command not in SPEC_COLUMNS:

@@ -1,19 +1,26 @@
 """Run folders: one per measuring command; rows appended and flushed as each configuration finishes.
 
 A run folder holds `measurements.csv`, `meta.json` and optional time-series CSVs. A run killed mid-way
-keeps every finished row (each row is written, flushed and fsynced on its own) and stays readable.
-An existing run folder is never overwritten: it is only ever appended to through `resume`.
+keeps every finished row (each row is one write of one complete line, then fsynced) and stays readable;
+a final line cut all the same (a full disk) is a torn row that readers skip and `resume` truncates.
+An existing run folder is never overwritten: it is only ever appended to through `resume`, and only
+by one writer at a time (an advisory lock, mmprof.results.lock).
+
+MMPROF_TEST_TEAR_ROW_S (tests only): each row is written in two halves with that many seconds between,
+so a test can kill a sweep while a row is half on disk.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +30,10 @@ import pandas as pd
 
 from mmprof import __version__
 from mmprof.errors import UserError
+from mmprof.settings import env_seconds
 from mmprof.results import schema
+from mmprof.results.lock import RunLock
+from mmprof.results.validate import TornRow, check_csv
 
 MEASUREMENTS = "measurements.csv"
 META = "meta.json"
@@ -103,6 +113,8 @@ class RunWriter:
     columns: list[str]
     meta: dict = field(default_factory=dict)
     resumed: "Run | None" = None  # the run as it was when resumed (its rows are not measured again)
+    lock: RunLock | None = None   # held from create/resume until finish/close
+    notices: list[str] = field(default_factory=list)  # one-line things the command should tell the user
 
     @classmethod
     def create(cls, path: Path | str, command: str, *, argv: Iterable[str] | None = None,
@@ -117,6 +129,10 @@ class RunWriter:
             probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write run folder {path}: {e.strerror or e}") from None
+        lock = RunLock.acquire(path)
+        if (path / MEASUREMENTS).exists():       # another command created it while this one looked
+            lock.release()
+            raise UserError(f"run folder {path} already exists; use --resume {path} to add to it")
         columns = schema.columns(command)
         meta = {
             "command": command,
@@ -130,7 +146,7 @@ class RunWriter:
             "columns": columns,
         }
         meta.update(extra_meta or {})
-        writer = cls(path=path, command=command, columns=columns, meta=meta)
+        writer = cls(path=path, command=command, columns=columns, meta=meta, lock=lock)
         _write_json_atomic(path / META, meta)
         with open(path / MEASUREMENTS, "w", newline="") as f:
             csv.writer(f).writerow(columns)
@@ -140,14 +156,30 @@ class RunWriter:
 
     @classmethod
     def resume(cls, path: Path | str, command: str) -> "RunWriter":
-        run = read_run(path)
-        if run.meta.get("command") != command:
-            raise UserError(f"run {path} was written by {run.meta.get('command')!r}, not {command!r}")
-        columns = list(run.columns)
-        meta = dict(run.meta)
-        meta.setdefault("resumed_utc", []).append(utc_now())
-        writer = cls(path=Path(path), command=command, columns=columns, meta=meta, resumed=run)
-        _write_json_atomic(writer.path / META, meta)
+        """Lock the folder, read it (a torn final row is truncated away, to be measured again), reopen it."""
+        path = Path(path)
+        if not path.is_dir():
+            read_run(path)                       # says what is missing
+            raise UserError(f"--resume takes a run folder, not a file: {path}")
+        lock = RunLock.acquire(path)
+        try:
+            run = read_run(path)
+            if run.meta.get("command") != command:
+                raise UserError(f"run {path} was written by {run.meta.get('command')!r}, not {command!r}")
+            notices = []
+            if run.torn is not None:
+                truncate_torn(path / MEASUREMENTS, run.torn)
+                notices.append(f"{run.torn.describe(path / MEASUREMENTS)}: removed; "
+                               "that configuration is measured again")
+                run.torn = None
+            meta = dict(run.meta)
+            meta.setdefault("resumed_utc", []).append(utc_now())
+            writer = cls(path=path, command=command, columns=list(run.columns), meta=meta, resumed=run,
+                         lock=lock, notices=notices)
+            _write_json_atomic(writer.path / META, meta)
+        except BaseException:
+            lock.release()
+            raise
         return writer
 
     def append(self, row: dict[str, Any]) -> None:
@@ -157,11 +189,9 @@ class RunWriter:
         status = row.get("status")
         if status not in schema.STATUS_VALUES:
             raise ValueError(f"row status must be one of {schema.STATUS_VALUES}, got {status!r}")
-        line = [_format_cell(row.get(c)) for c in self.columns]
-        with open(self.path / MEASUREMENTS, "a", newline="") as f:
-            csv.writer(f).writerow(line)
-            f.flush()
-            os.fsync(f.fileno())
+        buf = io.StringIO()
+        csv.writer(buf).writerow([_format_cell(row.get(c)) for c in self.columns])
+        _append_whole(self.path / MEASUREMENTS, buf.getvalue().encode())
 
     def update_meta(self, **items: Any) -> None:
         self.meta.update(items)
@@ -169,6 +199,12 @@ class RunWriter:
 
     def finish(self) -> None:
         self.update_meta(end_utc=utc_now())
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder's lock (finish does; the kernel does when the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def trace_path(self, name: str) -> Path:
         """A path for a time series in the run folder that never overwrites an existing file."""
@@ -180,11 +216,49 @@ class RunWriter:
         return path
 
 
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append one complete line with O_APPEND writes, then fsync (MMPROF_TEST_TEAR_ROW_S: in two halves)."""
+    pause_s = env_seconds("MMPROF_TEST_TEAR_ROW_S", None)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        if pause_s:
+            half, data = data[: len(data) // 2], data[len(data) // 2:]
+            _write_all(fd, half)
+            os.fsync(fd)
+            time.sleep(pause_s)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def truncate_torn(csv_path: Path, torn: TornRow) -> None:
+    """Cut a torn final row off the file, so the next append starts on a fresh line."""
+    with open(csv_path, "r+b") as f:
+        f.truncate(torn.offset)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @dataclass
 class Run:
     path: Path
     meta: dict
     df: pd.DataFrame
+    torn: TornRow | None = None    # a cut final row, left out of df
+
+    def torn_notice(self) -> str | None:
+        """One line for readers (report, export, plot) when a torn row was skipped."""
+        if self.torn is None:
+            return None
+        csv_path = self.path / MEASUREMENTS if self.path.is_dir() else self.path
+        return f"{self.torn.describe(csv_path)}: skipped"
 
     @property
     def run_id(self) -> str:
@@ -199,24 +273,21 @@ class Run:
         return list(self.df.columns)
 
 
-def read_csv(path: Path, *, raw: bool = False) -> pd.DataFrame:
-    """Read a measurements CSV. `raw=True` keeps every cell as the exact stored text ('' when empty)."""
+def read_csv(path: Path, *, raw: bool = False) -> tuple[pd.DataFrame, TornRow | None]:
+    """Read a measurements CSV, every cell checked against the schema (mmprof.results.validate); a torn
+    final row is left out and returned beside the frame. `raw=True` keeps every cell as the exact
+    stored text ('' when empty)."""
+    checked = check_csv(path)
+    buf = io.StringIO(checked.text)
     try:
         if raw:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            df = pd.read_csv(buf, dtype=str, keep_default_na=False)
         else:
-            df = pd.read_csv(path, keep_default_na=True)
-    except FileNotFoundError:
-        raise UserError(f"no such file: {path}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            df = pd.read_csv(buf, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"malformed CSV {path}: {first}") from None
-    if "status" not in df.columns:
-        raise UserError(f"malformed CSV {path}: no 'status' column")
-    bad = set(df["status"].dropna().astype(str)) - set(schema.STATUS_VALUES)
-    if bad:
-        raise UserError(f"malformed CSV {path}: unknown status values {sorted(bad)}")
-    return df
+    return df, checked.torn
 
 
 def read_run(path: Path | str, *, raw: bool = False) -> Run:
@@ -233,8 +304,8 @@ def read_run(path: Path | str, *, raw: bool = False) -> Run:
     elif path.name == MEASUREMENTS:
         folder, csv_path = path.parent, path
     else:  # a bare CSV, no meta
-        return Run(path=path, meta={}, df=read_csv(path, raw=raw))
-    return Run(path=folder, meta=_read_meta(folder / META), df=read_csv(csv_path, raw=raw))
+        return Run(path, {}, *read_csv(path, raw=raw))
+    return Run(folder, _read_meta(folder / META), *read_csv(csv_path, raw=raw))
 
 
 def _read_meta(meta_path: Path) -> dict:

@@ -25,6 +25,7 @@ from mmprof.runners.sweep import guarded, pending, release_memory
 from mmprof.workloads import PackedMMFreeLM, build_model, make_decoder, streamed_bytes, weight_bytes
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
+SWEPT = {"sizes", "archs"}   # spec lists a --resume may extend
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def combine(ms: list[Measurement]) -> dict:
         "power_peak_w": peak("power_peak_w"), "idle_power_w": rows[0].get("idle_power_w") if rows else None,
         "n_power_samples": sum(r.get("n_power_samples") or 0 for r in rows),
         "low_confidence": int(dur < MIN_WINDOW_S or (total("energy_integral_j") is not None and
-                                                     sum(m.n_power_updates for m in ms) < MIN_POWER_UPDATES)),
+                                                     sum(m.n_power_updates for m in ms) < MIN_POWER_UPDATES))
+        if any(m.power_measured for m in ms) else None,
         "nvml_mem_used_gib": peak("nvml_mem_used_gib"), "host_rss_peak_gib": peak("host_rss_peak_gib"),
         "cpu_util_pct": (sum(m.cpu_util_pct * m.duration_s for m in ms) / dur)
         if dur and all(m.cpu_util_pct is not None for m in ms) else None,

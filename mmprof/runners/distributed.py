@@ -44,10 +44,9 @@ POLL_S = 0.002
 
 
 def timeout_s() -> float:
-    try:
-        return float(os.environ.get("MMPROF_DIST_TIMEOUT_S", "300"))
-    except ValueError:
-        raise UserError("MMPROF_DIST_TIMEOUT_S must be a number of seconds") from None
+    from mmprof.settings import env_seconds
+
+    return env_seconds("MMPROF_DIST_TIMEOUT_S", 300.0)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:

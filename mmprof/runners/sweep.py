@@ -21,6 +21,9 @@ DENSE_BF16_TFLOPS = {
 }
 
 
+MAX_LIST = 64     # values in one list option: more is a typo, not a sweep
+
+
 def parse_list(text: str, name: str, cast: Callable[[str], T], allowed: tuple | None = None) -> list[T]:
     items = [p.strip() for p in str(text).split(",")]
     if not items or any(p == "" for p in items):
@@ -33,7 +36,11 @@ def parse_list(text: str, name: str, cast: Callable[[str], T], allowed: tuple | 
             raise UserError(f"--{name}: {p!r} is not a valid value") from None
         if allowed is not None and v not in allowed:
             raise UserError(f"--{name}: unknown value {p!r}; choose from {', '.join(map(str, allowed))}")
+        if v in out:
+            raise UserError(f"--{name}: {p!r} is given twice")
         out.append(v)
+    if len(out) > MAX_LIST:
+        raise UserError(f"--{name}: {len(out)} values; a sweep takes at most {MAX_LIST}")
     return out
 
 

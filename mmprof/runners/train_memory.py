@@ -9,12 +9,14 @@ from typing import Callable, Iterable
 import torch
 
 from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, time_fn
+from mmprof.runners.options import fit_note
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 from mmprof.workloads.checkpointing import apply_checkpointing
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "checkpointing", "device", "shard",
                "world_size", "rank"]
+SWEPT = {"archs", "bitlinears", "batches", "checkpointings"}   # spec lists a --resume may extend
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
     if spec.device == "meta":
         for cfg, row in todo:
             row.update(guarded(lambda: estimate(cfg, spec), spec.device))
-            row["note"] = _join(row.get("note"), "estimated on fake tensors: time, energy and power not measured")
+            row["note"] = _join(row.get("note"), fit_note(row.get("peak_alloc_gib")),
+                                "estimated on fake tensors: time, energy and power not measured")
             emit(row)
             rows.append(row)
         return rows

@@ -1,0 +1,36 @@
+"""The environment variables mmprof reads, each parsed in one place with a one-line error.
+
+- MMPROF_DIST_TIMEOUT_S: process-group timeout under torchrun, seconds (default 300).
+- MMPROF_TEST_TEAR_ROW_S: tests only; each results row is written in two halves this many seconds
+  apart, so a test can kill a sweep mid-row (mmprof.results.store).
+- MMPROF_GIT_COMMIT: the commit a run folder records where the copy has no .git (free text).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from mmprof.errors import UserError
+
+SECONDS_VARIABLES = {"MMPROF_DIST_TIMEOUT_S": 300.0, "MMPROF_TEST_TEAR_ROW_S": None}
+
+
+def env_seconds(name: str, default: float | None) -> float | None:
+    """A positive, finite number of seconds from the environment, or `default` when unset or empty."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{name}={text!r}: must be a positive number of seconds")
+    return value
+
+
+def check_environment() -> None:
+    """Parse every variable above now, so a bad one stops a command before anything is measured."""
+    for name, default in SECONDS_VARIABLES.items():
+        env_seconds(name, default)
