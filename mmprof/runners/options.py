@@ -21,7 +21,6 @@ MAX_SECONDS = 3600.0  # --min-window-s, --idle-s: an hour at most
 # The most memory one accelerator holds today (AMD MI355X, NVIDIA B300: 288 GB of HBM3e).
 LARGEST_DEVICE_BYTES = 288 * 10**9
 INT64_MAX = 2**63 - 1
-NOTE = "only the largest accelerators (288 GB) hold more"
 
 
 class FiniteFloat(click.FloatRange):
@@ -44,9 +43,12 @@ def check_path_option(name: str, value: str | None) -> None:
 
 def check_device_choice(device: str, choices: tuple[str, ...], command: str, why: str = "") -> None:
     """The --device values a command accepts (decode-power measures, so it has no meta)."""
-    if device not in choices:
-        hint = f" ({why})" if why else ""
-        raise UserError(f"--device {device!r}: {command} takes {', '.join(choices)}{hint}")
+    if device in choices:
+        return
+    if device in ("auto", "cuda", "cpu", "meta"):
+        hint = f": {why}" if why else ""
+        raise UserError(f"--device {device}: {command} does not run on {device}{hint}; choose {', '.join(choices)}")
+    raise UserError(f"--device: unknown device {device!r}; {command} takes {', '.join(choices)}")
 
 
 def check_estimate(estimate: bool, device: str) -> None:
@@ -150,7 +152,7 @@ def fit_note(peak_gib: float | None) -> str:
     if peak_gib is None or peak_gib * GIB <= LARGEST_DEVICE_BYTES:
         return ""
     return (f"estimated peak {peak_gib:.1f} GiB fits no single device (the largest hold "
-            f"{LARGEST_DEVICE_BYTES / GIB:.1f} GiB, 288 GB)")
+            f"{LARGEST_DEVICE_BYTES / GIB:.1f} GiB, {LARGEST_DEVICE_BYTES / 1e9:.0f} GB)")
 
 
 # ----- --resume against the folder -----

@@ -64,6 +64,7 @@ def test_resume_appends_and_reports_done_keys(tmp_path):
     w = RunWriter.create(tmp_path / "run", "train-memory")
     w.append({"status": "ok", "arch": "mmfree", "bitlinear": "fused", "batch": 1})
     w.append({"status": "oom", "arch": "mmfree", "bitlinear": "fused", "batch": 2})
+    w.finish()                                   # releases the folder's lock
     keys = ["arch", "bitlinear", "batch"]
     w2 = RunWriter.resume(tmp_path / "run", "train-memory")
     w2.append({"status": "ok", "arch": "transformer", "batch": 1})
