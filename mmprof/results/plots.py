@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from mmprof.errors import UserError  # noqa: E402
 from mmprof.results.store import Run  # noqa: E402
 from mmprof.results.summaries import impl_label, job_rows  # noqa: E402
+from mmprof.results.validate import read_series  # noqa: E402
 
 PHASE_COLOURS = {"prefill": "tab:orange", "decode": "tab:green", "idle": "tab:gray"}
 
@@ -56,7 +57,7 @@ def plot_power(run: Run, out: Path) -> Path:
     traces = sorted(run.path.glob("power_trace*.csv"))
     if not traces:
         raise UserError(f"run {run.path} has no power_trace.csv to plot")
-    trace = pd.concat([pd.read_csv(t) for t in traces], ignore_index=True)
+    trace = pd.concat([read_series(t) for t in traces], ignore_index=True)
     if trace.empty or trace["power_w"].isna().all():
         raise UserError(f"run {run.path} has no power samples (no NVML during the run)")
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -64,7 +65,7 @@ def plot_power(run: Run, out: Path) -> Path:
         ax.plot(g["t_s"], g["power_w"], linewidth=0.8, label=f"GPU {gpu}")
     phase_files = sorted(run.path.glob("phases*.csv"))
     if phase_files:
-        phases = pd.concat([pd.read_csv(f) for f in phase_files], ignore_index=True)
+        phases = pd.concat([read_series(f) for f in phase_files], ignore_index=True)
         seen = set()
         for _, p in phases.iterrows():
             kind = str(p["label"]).split()[0]

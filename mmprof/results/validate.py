@@ -55,8 +55,11 @@ def cell_ok(kind: str, cell: str) -> bool:
         return False
 
 
-def check_csv(path: Path) -> CheckedCsv:
-    """Read `path`, find a torn final row, and check every other row's width, status and cell types."""
+def check_csv(path: Path, kind_of=schema.column_type, status: bool = True) -> CheckedCsv:
+    """Read `path`, find a torn final row, and check every other row's width, status and cell types.
+
+    `kind_of(column)` gives a column's type (the results schema's by default); `status`: whether
+    the file must have a `status` column (measurements do; time series do not)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -80,19 +83,19 @@ def check_csv(path: Path) -> CheckedCsv:
         complete = text[:cut]
     records = _records(complete, path)
     header, rows = records[0][1], records[1:]
-    if "status" not in header:
+    if status and "status" not in header:
         raise UserError(f"malformed CSV {path}: no 'status' column")
     if torn is None and rows and len(rows[-1][1]) != len(header):
         line, fields = rows.pop()
         torn = TornRow(line=line, offset=len(text[:starts[line - 1]].encode()),
                        reason=f"{len(fields)} fields, the header has {len(header)}")
         complete = text[:starts[line - 1]]
-    kinds = [schema.column_type(c) for c in header]
+    kinds = [kind_of(c) for c in header]
     for line, fields in rows:
         if len(fields) != len(header):
             raise UserError(f"malformed CSV {path}: line {line} has {len(fields)} fields, the header has {len(header)}")
         for col, kind, cell in zip(header, kinds, fields):
-            if col == "status" and cell not in schema.STATUS_VALUES:
+            if status and col == "status" and cell not in schema.STATUS_VALUES:
                 raise UserError(f"malformed CSV {path}: line {line}, column 'status': unknown status {cell!r}")
             if not cell_ok(kind, cell):
                 raise UserError(f"malformed CSV {path}: line {line}, column {col!r}: {cell!r} is not {_WHAT[kind]}")
@@ -114,3 +117,16 @@ def _records(text: str, path: Path) -> list[tuple[int, list[str]]]:
     if not out:
         raise UserError(f"malformed CSV {path}: no header")
     return out
+
+
+def series_kind(column: str) -> str:
+    """Cell types of the time series (power_trace.csv, phases.csv): every column a number but the label."""
+    return "int" if column == "gpu" else "text" if column == "label" else "float"
+
+
+def read_series(path: Path):
+    """A time-series CSV as a DataFrame, every cell checked; a torn final line is left out."""
+    import pandas as pd
+
+    checked = check_csv(path, series_kind, status=False)
+    return pd.read_csv(io.StringIO(checked.text))

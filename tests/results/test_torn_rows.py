@@ -183,3 +183,20 @@ def test_sigkill_while_a_row_is_half_written_then_resume(tmp_path):
     run = read_run(out)
     assert run.torn is None and list(run.df["batch"]) == [1, 2] and set(run.df["status"]) == {"ok"}
     assert csv_path.read_bytes().endswith(b"\r\n")
+
+
+def test_plot_checks_the_power_trace_cells(tmp_path):
+    w = RunWriter.create(tmp_path / "run", "decode-power")
+    w.append({"status": "ok", "arch": "mmfree", "size": "tiny", "batch": 1})
+    w.finish()
+    (tmp_path / "run" / "power_trace.csv").write_text("t_s,gpu,power_w\n0.0,0,100.5\n0.01,0,high\n")
+    assert_one_line_exit_2(invoke("plot", str(tmp_path / "run")), "power_trace.csv: line 3, column 'power_w'")
+
+
+def test_the_lock_file_goes_with_the_writer(tmp_path):
+    run_dir, _ = _run(tmp_path)
+    assert not (run_dir / ".lock").exists()
+    w = RunWriter.resume(run_dir, "train-memory")
+    assert (run_dir / ".lock").read_text().strip() == str(os.getpid())
+    w.finish()
+    assert not (run_dir / ".lock").exists()
