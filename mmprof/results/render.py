@@ -55,22 +55,20 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-NOTE_CHARS = 60   # the terminal table shortens notes to this; every other format keeps them whole
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= NOTE_CHARS else text[:NOTE_CHARS - 3].rstrip() + "..."
+NOTE_WIDTH = 32   # the terminal table shows each note in one line this wide; other formats keep it whole
 
 
 def to_table(df: pd.DataFrame, title: str | None = None, console: Console | None = None) -> str:
-    notes = [str(v) for v in df["note"]] if "note" in df.columns else []
-    cut = any(_short(n) != n for n in notes)
+    cut = "note" in df.columns and any(len(str(v)) > NOTE_WIDTH for v in df["note"])
     table = Table(title=title, show_lines=False,
                   caption="notes shortened: the full text is in the CSV (--format csv)" if cut else None)
     for c in df.columns:
-        table.add_column(str(c), overflow="fold")
+        if c == "note":      # one line a row: the note is the widest cell by far
+            table.add_column("note", overflow="ellipsis", no_wrap=True, max_width=NOTE_WIDTH)
+        else:
+            table.add_column(str(c), overflow="fold")
     for rec in df.itertuples(index=False):
-        table.add_row(*[_short(str(v)) if c == "note" else str(v) for c, v in zip(df.columns, rec)])
+        table.add_row(*[str(v) for v in rec])
     console = console or Console(file=io.StringIO(), width=max(120, 14 * len(df.columns)))
     console.print(table)
     return console.file.getvalue() if isinstance(console.file, io.StringIO) else ""
