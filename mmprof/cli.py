@@ -18,9 +18,9 @@ class OneLineErrors(click.Group):
     """Every usage or input error is one line on stderr and exit code 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, **extra):
-        global _RUN_OPEN
+        global _WRITER
         extra.pop("standalone_mode", None)
-        _RUN_OPEN = None
+        _WRITER = None
         try:
             rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except UserError as e:
@@ -33,16 +33,20 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             _fail(e.format_message())
         except click.exceptions.Abort:
-            _fail(f"aborted; the finished rows are kept: add --resume {_RUN_OPEN} to the same command "
-                  "to measure the rest" if _RUN_OPEN else "aborted")
+            unfinished = _WRITER is not None and _WRITER.lock is not None and _WRITER.lock.held
+            _fail(f"aborted; the finished rows are kept: add --resume {_WRITER.path} to the same command "
+                  "to measure the rest" if unfinished else "aborted")
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        finally:
+            if _WRITER is not None:
+                _WRITER.close()          # the run folder's lock (a finished writer has released it)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
         sys.exit(0)
 
 
-_RUN_OPEN: Path | None = None     # the run folder a command is writing (named if it is interrupted)
+_WRITER = None     # the RunWriter of the run folder a command writes (named if it is interrupted)
 
 
 def _fail(message: str) -> None:
@@ -102,6 +106,7 @@ def export(runs: tuple[str, ...], csv_path: str | None, latex_path: str | None, 
     n = export_runs(loaded, fmt, Path(dest))
     click.echo(f"wrote {n} rows from {len(loaded)} run(s) to {dest}")
 
+
 def _read_runs(paths, raw: bool = False) -> list:
     """Read runs; a torn final row (cut mid-write) is skipped, with one line on stderr for each."""
     from mmprof.results import read_run
@@ -117,7 +122,7 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str,
                  swept: set[str] = frozenset()):
     """A new run folder (or the resumed one, locked, checked against `spec`) with GPU and driver in its
     meta.json; `swept`: the spec's list fields a resume may extend."""
-    global _RUN_OPEN
+    global _WRITER
     from mmprof.results import RunWriter, default_run_dir
     from mmprof.runners.options import check_path_option, check_resume, spec_record
 
@@ -135,7 +140,7 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str,
             raise
         for notice in writer.notices:
             click.echo(f"note: {notice}", err=True)
-        _RUN_OPEN = writer.path
+        _WRITER = writer
         return writer
     from mmprof.profiler import cuda_index, system_info
 
@@ -148,9 +153,8 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str,
         gpu = next((g for g in info["gpus"] if g.get("index") == index), {})
         meta.update(gpu=gpu.get("name"), driver=gpu.get("driver"))
     path = Path(out) if out else default_run_dir(command)
-    writer = RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
-    _RUN_OPEN = writer.path
-    return writer
+    _WRITER = RunWriter.create(path, command, argv=sys.argv, extra_meta=meta)
+    return _WRITER
 
 
 def _progress():
@@ -165,25 +169,20 @@ def _sweep(writer, runner, spec, label: str, fmt: str, summarize, paper_claim: s
     """Run a sweep into `writer` (skipping what a resumed run has), with a progress bar; then print it."""
     from mmprof.results import build_report, done_keys, read_run, render, row_key
 
-    global _RUN_OPEN
     skip = done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
     todo = runner.configs(spec)
-    try:
-        with _progress() as bar:
-            task = bar.add_task(label, total=len(todo))
+    with _progress() as bar:
+        task = bar.add_task(label, total=len(todo))
 
-            def emit(row):
-                writer.append(row)
-                if row.get("row_kind") != "rank" or row.get("world_size", 1) == 1:   # one step per configuration
-                    bar.advance(task)
+        def emit(row):
+            writer.append(row)
+            if row.get("row_kind") != "rank" or row.get("world_size", 1) == 1:   # one step per configuration
+                bar.advance(task)
 
-            runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
-                       trace_path=writer.trace_path("power_trace.csv"),
-                       on_start=lambda cfg: bar.update(task, description=f"{label} {cfg.label}"))
-        writer.finish()
-        _RUN_OPEN = None
-    finally:
-        writer.close()
+        runner.run(spec, emit, skip=skip, key=lambda r: row_key(r, runner.KEY_COLUMNS),
+                   trace_path=writer.trace_path("power_trace.csv"),
+                   on_start=lambda cfg: bar.update(task, description=f"{label} {cfg.label}"))
+    writer.finish()
     click.echo(render(build_report([read_run(writer.path, raw=True)]), fmt,
                       title=str(writer.path) if fmt == "table" else None), nl=False)
     if fmt == "table":
