@@ -103,19 +103,25 @@ def _check_elements(what: str, *dims: int) -> None:
         raise UserError(f"{what}: a tensor of {' x '.join(map(str, dims))} elements is past what torch can index (2^63)")
 
 
+def train_unfit(size: str, batch: int, seq: int, precision: str, device: str, world_size: int = 1) -> str | None:
+    """Why one training configuration cannot fit `device` (None when it may): the bound named."""
+    cap = device_capacity(device)
+    need = train_min_bytes(size, batch, seq, precision, world_size)
+    if cap is None or need <= cap[0]:
+        return None
+    return (f"not run: batch {batch} x seq {seq} of {size} needs at least {need / GIB:.1f} GiB "
+            f"(weights, gradients, AdamW state, each block's input), but {cap[1]}")
+
+
 def check_train_fits(size: str, batches, seq: int, precision: str, device: str, world_size: int = 1) -> None:
-    """Refuse a batch or sequence that no tensor index or (on a real device) no memory can hold."""
+    """Refuse a batch or sequence that no tensor index can hold, or whose smallest batch the device
+    cannot hold; larger batches past the device become `oom` rows that name the bound (train_unfit)."""
     c = get_config(size)
     for b in batches:
         _check_elements(f"--batch {b} --seq {seq}", b, seq, max(c.vocab_size, 2 * c.intermediate_size))
-    cap = device_capacity(device)
-    if cap is None:
-        return
-    b = max(batches)
-    need = train_min_bytes(size, b, seq, precision, world_size)
-    if need > cap[0]:
-        raise UserError(f"--batch {b} --seq {seq}: a {size} training step needs at least {need / GIB:.1f} GiB "
-                        f"(weights, gradients, AdamW state, each block's input), but {cap[1]}")
+    why = train_unfit(size, min(batches), seq, precision, device, world_size)
+    if why is not None:
+        raise UserError(f"--batch {min(batches)} --seq {seq}: {why.removeprefix('not run: ')}")
 
 
 def decode_min_bytes(arch: str, size: str, weights: str, batch: int, prompt_len: int, new_tokens: int,

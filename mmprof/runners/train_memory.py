@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, time_fn
-from mmprof.runners.options import fit_note
+from mmprof.runners.options import fit_note, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
 from mmprof.workloads.checkpointing import apply_checkpointing
@@ -198,7 +198,9 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
         for cfg, row in todo:
             if cfg.impl in stopped:
                 continue
-            row.update(guarded(lambda: measure(cfg, spec, prof), spec.device))
+            unfit = train_unfit(spec.size, cfg.batch, spec.seq, spec.precision, spec.device, spec.world_size)
+            row.update({"status": "oom", "note": unfit} if unfit else
+                       guarded(lambda: measure(cfg, spec, prof), spec.device))
             if row["status"] == "ok" and spec.estimate:
                 est = guarded(lambda: estimate(cfg, spec), "cpu")
                 if est["status"] == "ok" and row.get("peak_alloc_gib"):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mmprof.profiler.host import HostSource
+from mmprof.results import read_run
 from mmprof.profiler.measurement import Measurement
 from mmprof.results.render import to_csv, to_table
 from mmprof.runners import options
@@ -128,3 +129,13 @@ def test_terminal_table_shortens_notes_and_csv_keeps_them():
     table = to_table(df)
     assert len(table.splitlines()) < 20 and "full text is in the CSV" in table and "y" * 100 not in table
     assert note in to_csv(df)
+
+
+def test_a_batch_past_the_device_is_an_oom_row_naming_the_bound(tmp_path):
+    out = tmp_path / "run"
+    r = invoke(*TRAIN, "--device", "cpu", "--batch", f"1,{10**8}", "--steps", "1", "--warmup", "1",
+               "--idle-s", "0", "--min-window-s", "0", "--out", str(out), "--format", "csv")
+    assert r.exit_code == 0, r.output
+    run = read_run(out)
+    assert list(run.df["status"]) == ["ok", "oom"]
+    assert "not run" in run.df["note"].iloc[1] and "this host's RAM is" in run.df["note"].iloc[1]
