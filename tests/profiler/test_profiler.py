@@ -24,7 +24,7 @@ def test_square_wave_counter_integral_and_idle():
     rng = random.Random()
     idle_w, high, low = rng.uniform(40, 90), rng.uniform(400, 650), rng.uniform(100, 200)
     gpu = ScriptedGpu(0, power_w=idle_w)
-    with Profiler(device="cpu", sample_hz=200, idle_s=0.3, gpu_source=gpu) as prof:
+    with Profiler(device="cpu", sample_hz=200, idle_s=0.3, gpu_source=gpu, min_window_s=1.0) as prof:
         with prof.window("load") as w:
             _square_wave(gpu, 1.2, high, low)
         gpu.set_power_w(idle_w)
@@ -52,12 +52,15 @@ def test_idle_power_source(instant):
     assert w.measurement.energy_j == pytest.approx(100.0 * w.measurement.duration_s, rel=0.01)
 
 
-def test_counter_is_read_only_at_edges():
+def test_counter_is_read_at_edges_and_every_fifth_tick():
     gpu = ScriptedGpu(0)
     with Profiler(sample_hz=500, idle_s=0.1, gpu_source=gpu) as prof:
-        with prof.window("a"):
+        with prof.window("a") as w:
             time.sleep(0.2)
-    assert gpu.energy_reads == 4  # idle start/end, window start/end
+        ticks = len(prof._sampler.traces[0].t_s)
+    # idle start/end and window start/end, plus the sampler's reads (one tick in five) to count updates
+    assert gpu.energy_reads == 4 + (ticks + 4) // 5
+    assert w.measurement.n_counter_updates >= 15   # ~20 reads in 0.2 s, every one a new value here
 
 
 def test_average_power_fallback_and_reset_mid_window():
