@@ -180,6 +180,13 @@ class Profiler:
         return self._ctx.gpu_reason if self._ctx else None
 
     @property
+    def sampler_kind(self) -> str | None:
+        """"process" (sampler_process.py), "thread" (sampler.py) or None (not sampling)."""
+        if self._sampler is None:
+            return None
+        return "process" if isinstance(self._sampler, ProcessSampler) else "thread"
+
+    @property
     def power_sources(self) -> dict[int, str | None]:
         """GPU index -> "instant" | "average" | None (not sampled)."""
         return {tr.gpu: tr.power_source for tr in self._sampler.traces} if self._sampler else {}

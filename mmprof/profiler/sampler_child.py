@@ -1,6 +1,6 @@
 """The sampling process's body: NVML readings at a fixed rate, appended as binary records to a file.
 
-Run as a script by sampler_process.py (`python -P sampler_child.py CONFIG_JSON`), so it imports only
+Run as a script by sampler_process.py (by path, CONFIG_JSON its last argument), so it imports only
 the standard library and pynvml: no torch, no mmprof. It opens its own NVML handles (NVML handles
 belong to the process that made them), pins itself to one CPU, and stops when its stdin reaches end
 of file (the parent closed it, or died). One record per GPU per tick, `RECORD` (little-endian
@@ -97,4 +97,4 @@ def main(config: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(json.loads(sys.argv[1])))
+    sys.exit(main(json.loads(sys.argv[-1])))

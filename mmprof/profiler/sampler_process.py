@@ -30,6 +30,7 @@ from .sampler_child import FIELDS, RECORD
 
 assert FIELDS == GPU_FIELDS
 _CHILD = Path(__file__).with_name("sampler_child.py")
+_RUN_CHILD = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
 class SamplerDidNotStart(RuntimeError):
@@ -78,7 +79,8 @@ class ProcessSampler:
         self._config.update(power_sources=sources, path=str(self._path))
         self._path.touch()
         with open(self._stderr_path, "w") as err:
-            self._proc = subprocess.Popen([sys.executable, "-P", str(_CHILD), json.dumps(self._config)],
+            # run by path through runpy: its folder is not put on sys.path (it holds a trace.py)
+            self._proc = subprocess.Popen([sys.executable, "-c", _RUN_CHILD, str(_CHILD), json.dumps(self._config)],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout_s
         while not self._refresh():

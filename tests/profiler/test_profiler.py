@@ -173,3 +173,16 @@ def test_cpu_device_without_gpu_still_measures_host():
     assert m.energy_j is None and "no GPU selected" in m.unavailable["energy_j"]
     assert m.host_rss_peak_gib > 0 and m.cpu_util_pct > 0
     assert "peak_alloc_gib" in m.unavailable
+
+
+def test_continuous_window_calls_back_to_back_and_reads_the_counter_twice():
+    gpu = ScriptedGpu(0, power_w=120.0)
+    calls = []
+    with Profiler(sample_hz=0, idle_s=0, gpu_source=gpu, min_window_s=0.2) as prof:
+        m, n = prof.continuous_window("w", lambda: calls.append(time.monotonic()), min_s=0.2)
+        capped, k = prof.continuous_window("capped", lambda: None, min_s=10.0, max_calls=7)
+    assert n == len(calls) > 100 and m.duration_s >= 0.2
+    assert max(b - a for a, b in zip(calls, calls[1:])) < 0.05     # no gaps between calls
+    assert gpu.energy_reads == 4                                   # two windows, two edges each
+    assert m.energy_j == pytest.approx(120.0 * m.duration_s, rel=0.01)
+    assert k == 7 and capped.low_confidence and "< 0.2 s" in capped.confidence_reasons[0]
