@@ -99,8 +99,8 @@ class Profiler:
     def _start_sampler(self, gpus: list[GpuSource]) -> Sampler | ProcessSampler:
         real = bool(gpus) and all(isinstance(g, NvmlGpu) for g in gpus) and self.clock is time.monotonic
         if self.sampler_mode == "process" or (self.sampler_mode == "auto" and real):
-            if not real:
-                raise ValueError("the sampling process needs NVML GPUs and the monotonic clock")
+            if self.clock is not time.monotonic or not gpus:
+                raise ValueError("the sampling process needs GPUs and the monotonic clock")
             sampler = ProcessSampler(gpus, self._host, self.sample_hz)
             try:
                 sampler.start()

@@ -49,3 +49,18 @@ def test_a_child_that_cannot_start_says_why(monkeypatch):
     monkeypatch.setattr("mmprof.profiler.sampler_process.sys.executable", "/bin/false")
     with pytest.raises(SamplerDidNotStart):
         ProcessSampler([ScriptedGpu(0)], None, hz=100).start(timeout_s=2.0)
+
+
+def test_profiler_windows_from_the_sampling_process(child_sees_fake_nvml):
+    from mmprof.profiler import Profiler
+
+    gpu = ScriptedGpu(0, power_w=250.0)   # the parent's edges; the child reads the scripted pynvml at 250 W
+    with Profiler(sample_hz=100, idle_s=0.3, gpu_source=gpu, sampler="process", min_window_s=0.5) as prof:
+        assert prof.sampler_kind == "process"
+        with prof.window("w") as w:
+            time.sleep(0.6)
+    m = w.measurement
+    assert prof.idle_power_w == pytest.approx(250.0, rel=1e-3)
+    assert m.energy_integral_j == pytest.approx(m.energy_j, rel=0.03)
+    assert 4 <= m.n_counter_updates <= 8                         # 100 ms steps in a 0.6 s window
+    assert m.confidence_reasons == [f"{m.n_counter_updates} counter updates < 20"]
