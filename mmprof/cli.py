@@ -231,7 +231,8 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
               help="fsdp: FSDP2 under torchrun, one process per GPU (or its estimate with --device meta)")
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="processes of the sharded job (required with --shard fsdp --device meta)")
-@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=1.0, show_default=True)
+@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=5.0, show_default=True,
+              help="the energy window is stretched (more steps) to at least this long")
 @click.option("--idle-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=2.0, show_default=True)
 @click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
               help="dense bf16 peak for MFU (default: the GPU's datasheet figure)")
@@ -303,8 +304,10 @@ def plot(run: str, out_path: str | None) -> None:
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1, max=MAX_STEPS), default=3, show_default=True)
-@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=2.0, show_default=True,
-              help="repeats are added until the decode windows add up to this")
+@click.option("--min-window-s", type=FiniteFloat(min=0, max=MAX_SECONDS), default=5.0, show_default=True,
+              help="each energy window decodes generations back to back until at least this long")
+@click.option("--max-window-tokens", type=click.IntRange(min=1, max=10**9), default=None,
+              help="end an energy window after this many tokens even when shorter (then low_confidence)")
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
 @click.option("--gpus", default=None, help="GPU index (default 0)")
 @click.option("--shard", type=click.Choice(["none", "replicate"]), default="none", show_default=True,
@@ -313,8 +316,8 @@ def plot(run: str, out_path: str | None) -> None:
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-decode-power)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
-def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repeats, min_window_s, device, gpus,
-                 shard, idle_s, out, resume, fmt) -> None:
+def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repeats, min_window_s, max_window_tokens,
+                 device, gpus, shard, idle_s, out, resume, fmt) -> None:
     """Decoding speed, latency, memory, power and energy per token for both models."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
@@ -338,7 +341,7 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
     spec = dp.DecodeSpec(
         sizes=tuple(sizes), archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-        device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph,
+        device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph, max_window_tokens=max_window_tokens,
     )
     todo = dp.configs(spec)          # refuses unsupported weights or options before anything is written
     check_decode_fits([(c.arch, c.size, c.weights) for c in todo], batch, prompt_len, new_tokens, spec.device)

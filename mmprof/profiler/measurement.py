@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .row_energy import counter_integral_diff_pct
+
 GIB = 2**30  # bytes in a GiB: every *_gib figure is bytes / GIB
 
 
@@ -20,7 +22,9 @@ class Measurement:
     power_peak_w: float | None = None
     n_samples: int = 0
     n_power_updates: int = 0
+    n_counter_updates: int | None = None  # counter changes seen by the sampler inside the window (fewest GPU)
     low_confidence: bool = True
+    confidence_reasons: list[str] = field(default_factory=list)  # why low_confidence (row_energy's rule)
     peak_alloc_gib: float | None = None
     peak_reserved_gib: float | None = None
     nvml_mem_used_gib: float | None = None  # peak over samples, highest GPU
@@ -44,6 +48,8 @@ class Measurement:
             "energy_window_s": self.duration_s,
             "energy_integral_j": self.energy_integral_j,
             "n_power_samples": self.n_samples,
+            "n_counter_updates": self.n_counter_updates,
+            "counter_integral_diff_pct": counter_integral_diff_pct(self.energy_j, self.energy_integral_j),
             "low_confidence": int(self.low_confidence) if self.power_measured else None,
             "host_rss_peak_gib": self.host_rss_peak_gib,
             "cpu_util_pct": self.cpu_util_pct,

@@ -22,8 +22,10 @@ from .device import cuda_device, cuda_index, synchronize
 from .gpu import GpuSource, NvmlUnavailable
 from .host import HostSource
 from .measurement import GIB, Measurement
-from .nvml import open_gpus
+from .nvml import NvmlGpu, open_gpus
+from .row_energy import MIN_WINDOW_S, IdleReading
 from .sampler import Sampler
+from .sampler_process import ProcessSampler, SamplerDidNotStart
 from .trace import Phase, write_phases, write_power_trace
 from .window import Edge, GpuContext, build, read_edge
 
@@ -48,9 +50,18 @@ class Profiler:
     def __init__(self, device: str = "cpu", gpus: list[int] | None = None, sample_hz: float = 100.0,
                  idle_s: float = 2.0, trace_path: Path | str | None = None,
                  gpu_source: GpuSource | list[GpuSource] | None = None, host_source: HostSource | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        if sample_hz < 0 or idle_s < 0:
-            raise ValueError("sample_hz and idle_s must not be negative")
+                 clock: Callable[[], float] = time.monotonic, min_window_s: float = MIN_WINDOW_S,
+                 sampler: str = "auto"):
+        """sampler: "process" samples real NVML GPUs from a process of its own (sampler_process.py),
+        "thread" from a thread of this one; "auto" is the process for NVML GPUs on the monotonic
+        clock (the thread when that process cannot start), the thread otherwise."""
+        if sample_hz < 0 or idle_s < 0 or min_window_s < 0:
+            raise ValueError("sample_hz, idle_s and min_window_s must not be negative")
+        if sampler not in ("auto", "process", "thread"):
+            raise ValueError(f"sampler is auto | process | thread, not {sampler!r}")
+        self.min_window_s = min_window_s
+        self.sampler_mode = sampler
+        self.sampler_note: str | None = None
         self.device = str(device)
         self.sample_hz = sample_hz
         self.idle_s = idle_s
@@ -62,7 +73,7 @@ class Profiler:
         self._gpu_indices = gpus
         self._gpu_source = gpu_source
         self._host = host_source
-        self._sampler: Sampler | None = None
+        self._sampler: Sampler | ProcessSampler | None = None
         self._open: dict[str, _Open] = {}
         self._mark: tuple[str, float] | None = None
         self._ctx: GpuContext | None = None
@@ -75,14 +86,32 @@ class Profiler:
         if self._host is None:
             self._host = HostSource()
         if self.sample_hz > 0:
-            self._sampler = Sampler(gpus, self._host, self.sample_hz, clock=self.clock)
-            self._sampler.start()
-        self._ctx = GpuContext(gpus, self._sampler, reason, None, "idle baseline skipped (idle_s=0)")
+            self._sampler = self._start_sampler(gpus)
+        self._ctx = GpuContext(gpus, self._sampler, reason, None, "idle baseline skipped (idle_s=0)",
+                               self.min_window_s)
         if not gpus:
             self._ctx.idle_reason = reason
         elif self.idle_s > 0:
-            self._measure_idle()
+            idle = self.measure_idle("idle")
+            self._ctx.idle_power_w, self._ctx.idle_reason = idle.power_w, idle.reason
         return self
+
+    def _start_sampler(self, gpus: list[GpuSource]) -> Sampler | ProcessSampler:
+        real = bool(gpus) and all(isinstance(g, NvmlGpu) for g in gpus) and self.clock is time.monotonic
+        if self.sampler_mode == "process" or (self.sampler_mode == "auto" and real):
+            if self.clock is not time.monotonic or not gpus:
+                raise ValueError("the sampling process needs GPUs and the monotonic clock")
+            sampler = ProcessSampler(gpus, self._host, self.sample_hz)
+            try:
+                sampler.start()
+                return sampler
+            except SamplerDidNotStart as exc:
+                if self.sampler_mode == "process":
+                    raise
+                self.sampler_note = f"sampled from a thread of this process: {exc}"
+        sampler = Sampler(gpus, self._host, self.sample_hz, clock=self.clock)
+        sampler.start()
+        return sampler
 
     def __exit__(self, *exc) -> None:
         self.mark(None)
@@ -109,28 +138,36 @@ class Profiler:
         except NvmlUnavailable as exc:
             return [], exc.reason
 
-    def _measure_idle(self) -> None:
+    def measure_idle(self, label: str = "idle", seconds: float | None = None) -> IdleReading:
+        """Idle power over `seconds` (default idle_s) of waiting with the device synchronised.
+
+        The session's baseline is the one taken on entering; runners take one before and after each
+        row (row_energy.RowIdle). The counter moves in ~100 ms steps, +-5% of a 2 s idle window; the
+        instant-power mean does not, so it is preferred; the counter next; a 1 s-average power last."""
+        if self._ctx is None:
+            raise RuntimeError("use the Profiler as a context manager before measuring idle power")
+        if not self._ctx.gpus:
+            return IdleReading(None, self._ctx.gpu_reason or "no GPU")
+        seconds = self.idle_s if seconds is None else seconds
+        if seconds <= 0:
+            return IdleReading(None, f"idle baseline skipped (idle_s={seconds:g})")
         synchronize(self.device)
         start = read_edge(self._ctx.gpus, None, self.clock)
-        time.sleep(self.idle_s)
+        while self.clock() - start.t_s < seconds:   # on the profiler's clock, which tests script
+            time.sleep(min(0.05, max(1e-3, seconds - (self.clock() - start.t_s))))
         end = read_edge(self._ctx.gpus, None, self.clock)
         self._wait_for_samples(end.t_s)
-        m = build("idle", start, end, self._ctx, self._t0)
-        self.phases.append(Phase("idle", m.t_start_s, m.t_end_s))
-        # The counter moves in ~100 ms steps, +-5% of a 2 s idle window; the instant-power mean does not,
-        # so it is preferred; the counter next; a 1 s-average power reading last.
+        m = build(label, start, end, self._ctx, self._t0)
+        self.phases.append(Phase(label, m.t_start_s, m.t_end_s))
         instant = self._sampler is not None and all(
             tr.power_source == "instant" for tr in self._sampler.traces)
         if instant and m.power_avg_w is not None:
-            self._ctx.idle_power_w = m.power_avg_w
-        elif m.energy_j is not None and m.duration_s > 0:
-            self._ctx.idle_power_w = m.energy_j / m.duration_s
-        elif m.power_avg_w is not None:
-            self._ctx.idle_power_w = m.power_avg_w
-        else:
-            self._ctx.idle_reason = f"idle power unknown: {m.unavailable.get('energy_j', 'no GPU')}"
-            return
-        self._ctx.idle_reason = None
+            return IdleReading(m.power_avg_w)
+        if m.energy_j is not None and m.duration_s > 0:
+            return IdleReading(m.energy_j / m.duration_s)
+        if m.power_avg_w is not None:
+            return IdleReading(m.power_avg_w)
+        return IdleReading(None, f"idle power unknown: {m.unavailable.get('energy_j', 'no GPU')}")
 
     # ----- facts about the session -----
     @property
@@ -141,6 +178,13 @@ class Profiler:
     def gpu_unavailable(self) -> str | None:
         """Why no GPU is measured (None when at least one is)."""
         return self._ctx.gpu_reason if self._ctx else None
+
+    @property
+    def sampler_kind(self) -> str | None:
+        """"process" (sampler_process.py), "thread" (sampler.py) or None (not sampling)."""
+        if self._sampler is None:
+            return None
+        return "process" if isinstance(self._sampler, ProcessSampler) else "thread"
 
     @property
     def power_sources(self) -> dict[int, str | None]:
@@ -176,6 +220,8 @@ class Profiler:
         state = self._open.pop(name)
         self._wait_for_samples(end.t_s)
         m = build(name, state.start, end, self._ctx, self._t0)
+        if self.sampler_note:
+            m.notes.append(self.sampler_note)
         if self._cuda is not None:
             m.peak_alloc_gib = state.peak_alloc_bytes / GIB
             m.peak_reserved_gib = state.peak_reserved_bytes / GIB
@@ -199,6 +245,24 @@ class Profiler:
                 self._open.pop(name, None)
             raise
         handle.measurement = self.end(name)
+
+    def continuous_window(self, name: str, fn: Callable[[], object], min_s: float,
+                          max_calls: int | None = None) -> tuple[Measurement, int]:
+        """One window of fn called back to back until the host clock says min_s has passed (or
+        max_calls were made): no synchronisation and no counter read between calls, so on a GPU the
+        queue never drains and the window is the steady state; its end edge waits for the device, so
+        the window lasts at least min_s. Returns the window and the number of calls."""
+        if max_calls is not None and max_calls < 1:
+            raise ValueError("max_calls must be at least 1")
+        n = 0
+        with self.window(name) as w:
+            t_start = self.clock()
+            while True:
+                fn()
+                n += 1
+                if self.clock() - t_start >= min_s or (max_calls is not None and n >= max_calls):
+                    break
+        return w.measurement, n
 
     def repeat_until(self, fn: Callable[[], object], min_s: float = 1.0, max_repeats: int = 1000,
                      name: str = "repeat") -> tuple[Measurement, int]:

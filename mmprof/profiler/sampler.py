@@ -1,11 +1,15 @@
-"""The background sampler: GPU power, memory, utilisation, clock and temperature at a fixed rate.
+"""The in-process sampler: GPU power, memory, utilisation, clock, temperature and the energy counter.
 
-Each GPU reading is stamped on the host's monotonic clock. The energy counter is deliberately not
-read here (one read costs ~4 ms on an H200); windows read it at their edges. Power and memory used are
-read every tick; utilisation (~43 us a read on an H200), SM clock and temperature, which NVML updates
-far more slowly, every `slow_every` ticks (empty in the other rows), so that the sampling thread holds
-the interpreter as little as possible while a launch-bound workload runs. Host RSS is read every
-`host_every` ticks and RAPL is polled about once a second so its wrap-around is never missed.
+A thread of the measured process. It is what the tests script (GpuSource objects live in this process)
+and what the Profiler falls back to when the sampling process (sampler_process.py) cannot start; on
+a real GPU the Profiler samples from that separate process, which never takes this interpreter's lock.
+
+Each GPU reading is stamped on the host's monotonic clock. Power and memory used are read every tick;
+the energy counter (one read costs ~4 ms on an H200) every `counter_every` ticks, only to count its
+updates inside a window (windows read it at their edges for the energy itself); utilisation, SM clock
+and temperature, which NVML updates far more slowly, every `slow_every` ticks (NaN in the other rows).
+Host RSS is read every `host_every` ticks and RAPL is polled about once a second so its wrap-around is
+never missed.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ from dataclasses import dataclass, field
 from .gpu import GpuSource, Unavailable
 from .host import HostSource
 
-GPU_FIELDS = ("power_w", "mem_used_bytes", "gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c")
+GPU_FIELDS = ("power_w", "mem_used_bytes", "gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c", "energy_mj")
 SLOW_FIELDS = {"gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c"}
+COUNTER_EVERY = 5  # ticks between counter reads: 20 Hz at 100 Hz, twice per ~100 ms counter update
 
 
 @dataclass
 class _Reader:
     names: tuple[str, ...]  # the fields one NVML call answers
     read: object  # () -> tuple of values; None once it failed for good
-    slow: bool  # read only every slow_every ticks
+    every: int  # read every this many ticks
     missing: tuple[float, ...]  # NaN per field, for the ticks it is not read
 
 
@@ -64,7 +69,8 @@ def probe_power(gpu: GpuSource) -> tuple[str | None, str | None]:
 
 class Sampler:
     def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float,
-                 clock=time.monotonic, host_every: int = 10, slow_every: int = 10):
+                 clock=time.monotonic, host_every: int = 10, slow_every: int = 10,
+                 counter_every: int = COUNTER_EVERY):
         if hz <= 0:
             raise ValueError("sample rate must be positive")
         self.host = host
@@ -72,6 +78,7 @@ class Sampler:
         self.clock = clock
         self.host_every = host_every
         self.slow_every = max(1, slow_every)
+        self.counter_every = max(1, counter_every)
         self.traces = [GpuTrace(g.index) for g in gpus]
         self.host_t_s: array = array("d")
         self.host_rss_bytes: array = array("d")
@@ -96,8 +103,10 @@ class Sampler:
             ("gpu_util_pct", "mem_util_pct"): gpu.utilization_pct,
             ("sm_clock_mhz",): lambda: (gpu.sm_clock_mhz(),),
             ("temp_c",): lambda: (gpu.temperature_c(),),
+            ("energy_mj",): lambda: (gpu.energy_mj(),),
         }
-        return [_Reader(names, read, bool(SLOW_FIELDS & set(names)), (math.nan,) * len(names))
+        every = {"energy_mj": self.counter_every, **{f: self.slow_every for f in SLOW_FIELDS}}
+        return [_Reader(names, read, every.get(names[0], 1), (math.nan,) * len(names))
                 for names, read in reads.items()]
 
     def start(self) -> None:
@@ -142,7 +151,7 @@ class Sampler:
             next_t = self.clock()
             last_rapl = -math.inf
             while not self._stop.is_set():
-                self._sample_gpus(slow=n % self.slow_every == 0)
+                self._sample_gpus(n)
                 if self.host is not None and n % self.host_every == 0:
                     last_rapl = self._sample_host(last_rapl)
                 n += 1
@@ -157,14 +166,18 @@ class Sampler:
             with self._tick:
                 self._tick.notify_all()
 
-    def _sample_gpus(self, slow: bool) -> None:
+    def tick(self, n: int) -> None:
+        """Take the GPU readings of tick n now, as the thread does (tests drive it on a scripted clock)."""
+        self._sample_gpus(n)
+
+    def _sample_gpus(self, n: int) -> None:
         t_last = self._last_t
         for readers, trace in zip(self._readers, self.traces):
             t = self.clock()
             row: dict[str, float] = {}
             for r in readers:
                 values = r.missing
-                if r.read is not None and (slow or not r.slow):
+                if r.read is not None and n % r.every == 0:
                     try:
                         values = r.read()
                     except Unavailable as exc:

@@ -8,10 +8,8 @@ from .energy import count_updates, integrate_power_j, sum_by_index
 from .gpu import GpuSource, Unavailable
 from .host import HostSource
 from .measurement import GIB, Measurement
+from .row_energy import MIN_WINDOW_S, above_idle_j, confidence_reasons
 from .sampler import Sampler
-
-MIN_WINDOW_S = 1.0
-MIN_POWER_UPDATES = 10
 
 
 @dataclass
@@ -57,6 +55,7 @@ class GpuContext:
     gpu_reason: str | None  # why there is no GPU at all
     idle_power_w: float | None
     idle_reason: str | None
+    min_window_s: float = MIN_WINDOW_S
 
 
 def build(name: str, start: Edge, end: Edge, ctx: GpuContext, t0_s: float) -> Measurement:
@@ -64,8 +63,9 @@ def build(name: str, start: Edge, end: Edge, ctx: GpuContext, t0_s: float) -> Me
     integrals = _power_fields(m, start, end, ctx)
     _energy_fields(m, start, end, ctx, integrals)
     _host_fields(m, start, end, ctx.sampler)
-    m.low_confidence = m.duration_s < MIN_WINDOW_S or (
-        m.energy_integral_j is not None and m.n_power_updates < MIN_POWER_UPDATES)
+    m.confidence_reasons = confidence_reasons(m.duration_s, m.energy_j, m.energy_integral_j,
+                                              m.n_counter_updates, ctx.min_window_s)
+    m.low_confidence = bool(m.confidence_reasons)
     return m
 
 
@@ -81,7 +81,7 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         return {}
     if ctx.sampler.error is not None:
         m.notes.append(f"sampler stopped early: {ctx.sampler.error!r}")
-    integrals, powers, updates, mem_peaks, missing = {}, [], [], [], []
+    integrals, powers, updates, mem_peaks, missing, counter_updates = {}, [], [], [], [], []
     lo, hi = ctx.sampler.tick_range(start.t_s, end.t_s)
     m.n_samples = hi - lo
     for pos, g in enumerate(ctx.gpus):
@@ -89,6 +89,9 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         first = max(0, lo - 1)
         t_all, v_all = ctx.sampler.gpu_rows(pos, first, hi + 1)  # one sample either side for the edges
         v_in = {f: v[lo - first:hi - first] for f, v in v_all.items()}
+        counter = [x for x in v_in["energy_mj"] if x == x]   # counter reads inside the window
+        if counter:
+            counter_updates.append(count_updates(counter) - 1)
         mem = [x for x in v_in["mem_used_bytes"] if x == x]
         if mem:
             mem_peaks.append(max(mem))
@@ -101,6 +104,8 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         integrals[g.index] = j
         powers.append(v_in["power_w"])
         updates.append(count_updates(v_in["power_w"]))
+    if len(counter_updates) == len(ctx.gpus):
+        m.n_counter_updates = min(counter_updates)
     if mem_peaks:
         m.nvml_mem_used_gib = max(mem_peaks) / GIB
     else:
@@ -152,7 +157,7 @@ def _energy_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext, inte
     elif base is None:
         m.unavailable["energy_above_idle_j"] = "no window energy"
     else:
-        m.energy_above_idle_j = base - ctx.idle_power_w * m.duration_s
+        m.energy_above_idle_j = above_idle_j(base, ctx.idle_power_w, m.duration_s)
 
 
 def _host_fields(m: Measurement, start: Edge, end: Edge, sampler: Sampler | None) -> None:

@@ -1,8 +1,10 @@
-"""`decode-power`: prefill, then token-by-token decoding, metered over steady-state decode windows."""
+"""`decode-power`: prefill, then token-by-token decoding; timed generations for latency and speed, and
+`repeats` continuous energy windows of generations back to back (each >= min_window_s) for energy."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,12 +15,13 @@ import torch
 from mmprof.errors import UserError
 from mmprof.profiler import (
     GIB,
-    MIN_POWER_UPDATES,
     MIN_WINDOW_S,
-    Measurement,
     Profiler,
+    RowIdle,
+    Timer,
     copy_bandwidth_gbps,
     cuda_index,
+    row_energy,
     synchronize,
 )
 from mmprof.runners.sweep import guarded, pending, release_memory
@@ -36,10 +39,10 @@ class DecodeSpec:
     batch: int = 1
     prompt_len: int = 32
     new_tokens: int = 256
-    repeats: int = 3
+    repeats: int = 3               # energy windows per row (and timed generations)
     device: str = "cpu"
-    min_window_s: float = 2.0      # decode windows are added (more repeats) until this long in total
-    max_repeats: int = 1000
+    min_window_s: float = MIN_WINDOW_S  # each energy window runs generations until at least this long
+    max_window_tokens: int | None = None  # stop a window after this many tokens even if shorter
     idle_s: float = 2.0
     sample_hz: float = 100.0
     seed: int = 0
@@ -86,35 +89,10 @@ def configs(spec: DecodeSpec) -> list[Config]:
     return [Config(a, s, weights_for(a, spec.weights)) for s in spec.sizes for a in spec.archs]
 
 
-class _TokenClock:
-    """Per-token latencies: CUDA events read once at the end on GPU, the host clock elsewhere."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals_s(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-def _one_decode(dec, prompt, spec: DecodeSpec, prof: Profiler | None, label: str):
-    """Prefill, then new_tokens - 1 greedy steps; returns (prefill_s, ttft_s, latencies, Measurement).
-
-    The energy window covers the token-by-token steps only (the steady state), not the prefill."""
+def _timed_generation(dec, prompt, spec: DecodeSpec, prof: Profiler, label: str):
+    """Prefill, then new_tokens - 1 greedy steps, timed: (prefill_s, ttft_s, per-step latencies)."""
     synchronize(spec.device)
-    if prof is not None:
-        prof.mark(f"prefill {label}")
+    prof.mark(f"prefill {label}")
     t0 = time.perf_counter()
     logits = dec.prefill(prompt)
     synchronize(spec.device)
@@ -122,19 +100,27 @@ def _one_decode(dec, prompt, spec: DecodeSpec, prof: Profiler | None, label: str
     token = logits.argmax(-1)
     synchronize(spec.device)
     ttft_s = time.perf_counter() - t0
-    clock = _TokenClock(spec.device)
-    if prof is not None:
-        prof.mark(None)
-        prof.begin(f"decode {label}")
-    clock.mark()
+    prof.mark(f"steps {label}")
+    timer = Timer(spec.device)
+    timer.mark()
     for _ in range(spec.new_tokens - 1):
         token = dec.greedy_step(token)
-        clock.mark()
-    m = prof.end(f"decode {label}") if prof is not None else None
-    return prefill_s, ttft_s, clock.intervals_s(), m
+        timer.mark()
+    latencies = timer.intervals_s()
+    prof.mark(None)
+    return prefill_s, ttft_s, latencies
+
+
+def _generation(dec, prompt, spec: DecodeSpec) -> None:
+    """One generation with no wait on the device: prefill, greedy choice, new_tokens - 1 steps."""
+    token = dec.prefill(prompt).argmax(-1)
+    for _ in range(spec.new_tokens - 1):
+        token = dec.greedy_step(token)
 
 
 def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | None) -> dict:
+    """Warm up; timed generations (TTFT, latency percentiles, tokens/s); idle; `repeats` energy windows
+    of generations back to back, each at least min_window_s; idle again. The arithmetic is row_energy's."""
     cuda = spec.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
@@ -145,76 +131,40 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
     dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
+    per_generation = spec.new_tokens * spec.batch
+    max_calls = -(-spec.max_window_tokens // per_generation) if spec.max_window_tokens else None
     with torch.inference_mode():
-        _one_decode(dec, prompt, spec, None, "warm-up")     # also captures the CUDA graph
-        prefills, ttfts, lat, ms = [], [], [], []
-        n = 0
-        with prof.window(f"all {cfg.label}") as whole:      # peak memory over prefills and decodes
-            while n < spec.repeats or (sum(m.duration_s for m in ms) < spec.min_window_s
-                                       and n < spec.max_repeats):
-                p, t, l, m = _one_decode(dec, prompt, spec, prof, f"{cfg.label} #{n}")
-                prefills.append(p)
-                ttfts.append(t)
-                lat += l
-                ms.append(m)
-                n += 1
-    total = combine(ms)
-    steps = n * (spec.new_tokens - 1)
-    tokens = steps * spec.batch
+        _generation(dec, prompt, spec)                      # warm-up; also captures the CUDA graph
+        with prof.window(f"all {cfg.label}") as whole:      # peak memory over everything decoded
+            timed = [_timed_generation(dec, prompt, spec, prof, f"{cfg.label} #{k}") for k in range(spec.repeats)]
+            before = prof.measure_idle(f"idle before {cfg.label}")
+            windows = [prof.continuous_window(f"decode {cfg.label} #{k}", lambda: _generation(dec, prompt, spec),
+                                              spec.min_window_s, max_calls) for k in range(spec.repeats)]
+            after = prof.measure_idle(f"idle after {cfg.label}")
+    lat = [x for _, _, steps in timed for x in steps]
+    energy = row_energy([m for m, _ in windows], {"token": [n * per_generation for _, n in windows]},
+                        RowIdle(before, after), spec.min_window_s)
     wbytes, step_bytes = weight_bytes(model), streamed_bytes(model, spec.batch)
     # percentiles 1..99 of the per-token latencies, interpolated between the measured values
     pct = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
+    steps_per_s = len(lat) / math.fsum(lat)
     row = {
-        "prefill_s": statistics.median(prefills), "ttft_s": statistics.median(ttfts),
+        "repeats": len(windows),
+        "prefill_s": statistics.median(p for p, _, _ in timed), "ttft_s": statistics.median(t for _, t, _ in timed),
         "latency_p50_ms": pct[49] * 1e3, "latency_p90_ms": pct[89] * 1e3,
-        "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": tokens / total["duration_s"],
-        "n_tokens_measured": tokens, "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
+        "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": steps_per_s * spec.batch,
+        "n_tokens_measured": sum(n for _, n in windows) * per_generation,
+        "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
         "peak_reserved_gib": whole.measurement.peak_reserved_gib,
-        **{k: v for k, v in total.items() if k != "duration_s"},
+        **energy,
     }
-    if row.get("energy_j") is not None:
-        row["j_per_token"] = row["energy_j"] / tokens
-        if row.get("energy_above_idle_j") is not None:
-            row["j_per_token_above_idle"] = row["energy_above_idle_j"] / tokens
     if cuda:
-        row["bandwidth_gbps"] = step_bytes * steps / total["duration_s"] / 1e9
+        row["bandwidth_gbps"] = step_bytes * steps_per_s / 1e9
         if copy_gbps:
             row["bandwidth_frac"] = row["bandwidth_gbps"] / copy_gbps
     del model, dec
     return row
-
-
-def combine(ms: list[Measurement]) -> dict:
-    """Sum energies and durations over several windows; power averaged by time, peaks maxed."""
-    dur = sum(m.duration_s for m in ms)
-    rows = [m.row() for m in ms]
-
-    def total(attr):
-        vals = [getattr(m, attr) for m in ms]
-        return None if any(v is None for v in vals) else sum(vals)
-
-    def peak(key):
-        vals = [r.get(key) for r in rows if r.get(key) is not None]
-        return max(vals) if vals else None
-
-    avg_w = [(r.get("power_avg_w"), m.duration_s) for r, m in zip(rows, ms)]
-    out = {
-        "duration_s": dur, "energy_window_s": dur, "energy_j": total("energy_j"),
-        "energy_above_idle_j": total("energy_above_idle_j"), "energy_integral_j": total("energy_integral_j"),
-        "power_avg_w": (sum(p * d for p, d in avg_w) / dur) if all(p is not None for p, _ in avg_w) and dur else None,
-        "power_peak_w": peak("power_peak_w"), "idle_power_w": rows[0].get("idle_power_w") if rows else None,
-        "n_power_samples": sum(r.get("n_power_samples") or 0 for r in rows),
-        "low_confidence": int(dur < MIN_WINDOW_S or (total("energy_integral_j") is not None and
-                                                     sum(m.n_power_updates for m in ms) < MIN_POWER_UPDATES))
-        if any(m.power_measured for m in ms) else None,
-        "nvml_mem_used_gib": peak("nvml_mem_used_gib"), "host_rss_peak_gib": peak("host_rss_peak_gib"),
-        "cpu_util_pct": (sum(m.cpu_util_pct * m.duration_s for m in ms) / dur)
-        if dur and all(m.cpu_util_pct is not None for m in ms) else None,
-        "cpu_energy_j": total("cpu_energy_j"),
-    }
-    out["note"] = "; ".join(dict.fromkeys(m.note() for m in ms if m.note()))   # distinct, in order
-    return out
 
 
 def run(spec: DecodeSpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),
@@ -224,7 +174,7 @@ def run(spec: DecodeSpec, emit: Callable[[dict], None], *, skip: Iterable[tuple]
     # events and synchronisation go to the measured GPU, also when it is not the current one
     on_gpu = torch.cuda.device(spec.device) if spec.device.startswith("cuda") else contextlib.nullcontext()
     with on_gpu, Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
-                          trace_path=trace_path) as prof:
+                          trace_path=trace_path, min_window_s=spec.min_window_s) as prof:
         copy_gbps = copy_bandwidth_gbps(spec.device) if spec.device.startswith("cuda") else None
         for cfg, row in pending(configs(spec), lambda c: c.spec_row(spec), key=key, skip=skip, on_start=on_start):
             row.update(guarded(lambda: measure(cfg, spec, prof, copy_gbps), spec.device))

@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, time_fn
+from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, row_energy, time_fn
+from mmprof.results.schema import columns
 from mmprof.runners.options import fit_note, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
@@ -31,7 +32,7 @@ class TrainMemorySpec:
     device: str = "meta"          # resolved: cuda:N | cpu | meta
     precision: str = "bf16-autocast"
     estimate: bool = False        # on a real device, add the fake-tensor estimate beside the measurement
-    min_window_s: float = 1.0     # the energy window is stretched (more steps) to at least this long
+    min_window_s: float = 5.0     # the energy window is stretched (more steps) to at least this long
     idle_s: float = 2.0
     sample_hz: float = 100.0
     peak_tflops: float | None = None
@@ -126,16 +127,12 @@ def _tracker_row(tracker: MemoryTracker, before: int) -> dict:
     }
 
 
-def energy_columns(m, steps: int, tokens_per_step: int) -> dict:
-    """Energy per step and per token (gross and above idle) of a window of `steps` steps."""
-    out = {}
-    if m.energy_j is not None:
-        out["energy_per_step_j"] = m.energy_j / steps
-        out["j_per_token"] = m.energy_j / (steps * tokens_per_step)
-        if m.energy_above_idle_j is not None:
-            out["energy_above_idle_per_step_j"] = m.energy_above_idle_j / steps
-            out["j_per_token_above_idle"] = m.energy_above_idle_j / (steps * tokens_per_step)
-    return out
+def energy_columns(m, steps: int, tokens_per_step: int, min_window_s: float) -> dict:
+    """The energy columns of one window of `steps` steps (profiler.row_energy's arithmetic) that the
+    train-memory schema has, and the note."""
+    out = row_energy([m], {"token": [steps * tokens_per_step], "step": [steps]}, None, min_window_s)
+    keep = set(columns("train-memory")) | {"note"}
+    return {k: v for k, v in out.items() if k in keep}
 
 
 def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
@@ -167,10 +164,11 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     if tflops:
         flops = model_flops_per_token(get_config(spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
         row["mfu"] = flops / (tflops * 1e12)
-    row.update(energy_columns(m, timing.n, tokens))
+    energy = energy_columns(m, timing.n, tokens, spec.min_window_s)
     if not cuda:
         m.unavailable.pop("peak_alloc_gib", None)   # the tracker's peak fills it
-    notes = [m.note(), tracker_note(tracker)]
+    notes = [energy.pop("note"), m.note(), tracker_note(tracker)]
+    row.update(energy)
     if not cuda:
         notes.append("no CUDA allocator: peak_alloc_gib and act_mem_gib are the live-tensor tracker's")
     row["note"] = _join(*notes)
@@ -194,7 +192,7 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
         return rows
     stopped: set[tuple[str, str, str]] = set()
     with Profiler(device=spec.device, sample_hz=spec.sample_hz, idle_s=spec.idle_s,
-                  trace_path=trace_path) as prof:
+                  trace_path=trace_path, min_window_s=spec.min_window_s) as prof:
         for cfg, row in todo:
             if cfg.impl in stopped:
                 continue

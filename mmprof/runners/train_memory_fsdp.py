@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from typing import Callable, Iterable
 
 import torch
 
 from mmprof.errors import UserError
-from mmprof.profiler import GIB, Profiler, TimingStats
+from mmprof.profiler import GIB, Profiler, Timer, TimingStats
 from mmprof.runners import train_memory as tm
 from mmprof.runners.distributed import Job, Outcome
 from mmprof.runners.fsdp_estimate import allocator_bytes
@@ -88,35 +87,25 @@ class ShardedTrainer:
         return {"params": params, "optim": optim}
 
 
-def _run_steps(trainer: ShardedTrainer, n: int, job: Job) -> list:
-    """n steps with a mark after each (CUDA events, or the host clock). The host never blocks on the
-    GPU: it queues at most one step ahead, waiting by polling, and stops queueing (PeerFailed) as soon
-    as another rank has failed, so it never runs into a collective that rank will not join."""
-    cuda = trainer.device.type == "cuda"
-
-    def mark():
-        if not cuda:
-            return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    marks = [mark()]
+def _run_steps(trainer: ShardedTrainer, n: int, job: Job) -> Timer:
+    """n steps with a mark after each (profiler.Timer). The host never blocks on the GPU: it queues
+    at most one step ahead, waiting by polling, and stops queueing (PeerFailed) as soon as another
+    rank has failed, so it never runs into a collective that rank will not join."""
+    timer = Timer(trainer.device)
+    timer.mark()
     for k in range(n):
         trainer.step()
-        marks.append(mark())
-        if k + 1 < n and cuda:
-            job.wait_event(marks[-2])
+        timer.mark()
+        if k + 1 < n and timer.cuda is not None:
+            job.wait_event(timer.marks[-2])
         elif k + 1 < n:
             job.check_peers()
-    return marks
+    return timer
 
 
-def _seconds(marks: list) -> list[float]:
+def _seconds(timer: Timer) -> list[float]:
     """Step times from the marks, once the GPU has finished (the phase waited for it)."""
-    if marks and isinstance(marks[0], float):
-        return [b - a for a, b in zip(marks, marks[1:])]
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return timer.intervals_s()
 
 
 class Runner:
@@ -211,14 +200,15 @@ class Runner:
         flops, peak = self._flops_per_token(cfg, spec)
         if peak:
             row["mfu"] = flops * row["tokens_per_s"] / (peak * 1e12)
-        row.update(tm.energy_columns(m, timing.n, tokens))
-        notes = [m.note(), f"FSDP2 rank {job.rank} of {job.world_size}",
+        energy = tm.energy_columns(m, timing.n, tokens, spec.min_window_s)
+        notes = [energy.pop("note"), m.note(), f"FSDP2 rank {job.rank} of {job.world_size}",
                  "grad_gib is the gradient shards' size (as param_gib), not a measurement"]
         if uses_mixed_policy(self.job.device, spec.precision):
             notes.append("bf16 parameters in forward/backward, fp32 gradient reduction (MixedPrecisionPolicy)")
         if not cuda:
             notes.append("no CUDA allocator: peak_alloc_gib not measured on cpu (host_rss_peak_gib is)")
-        row["note"] = "; ".join(n for n in notes if n)
+        row.update(energy)
+        row["note"] = "; ".join(dict.fromkeys(n for n in notes if n))
         return row
 
     def _flops_per_token(self, cfg, spec) -> tuple[float, float | None]:

@@ -17,7 +17,8 @@ def test_decode_rows_and_trace_on_cpu(tmp_path):
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out / "measurements.csv")
     assert sorted(df["arch"]) == ["mmfree", "transformer"] and set(df["status"]) == {"ok"}
-    assert (df["n_tokens_measured"] == 2 * 7).all()
+    assert (df["n_tokens_measured"] == 2 * 8).all()     # 2 windows of one generation of 8 tokens
+    assert (df["repeats"] == 2).all()
     assert (df["tokens_per_s"] > 0).all() and (df["latency_p50_ms"] > 0).all()
     assert (df["latency_p50_ms"] <= df["latency_p99_ms"]).all()
     assert (df["weights_gib"] > 0).all()
@@ -29,26 +30,55 @@ def test_decode_rows_and_trace_on_cpu(tmp_path):
     assert phases["label"].str.startswith("prefill").any() and phases["label"].str.startswith("decode").any()
 
 
-def test_short_window_is_extended_with_repeats(tmp_path):
-    spec = dp.DecodeSpec(sizes=("tiny",), archs=("mmfree",), batch=1, prompt_len=2, new_tokens=3, repeats=1,
-                         device="cpu", min_window_s=0.3, idle_s=0)
+def test_short_window_is_extended_with_generations(tmp_path):
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), batch=1, prompt_len=2, new_tokens=3, repeats=1,
+                         device="cpu", min_window_s=1.0, idle_s=0)
     rows = []
     dp.run(spec, rows.append)
     row = rows[0]
     assert row["status"] == "ok", row
-    assert row["repeats"] == 1 and row["energy_window_s"] >= 0.3      # the spec is kept as asked
-    assert row["n_tokens_measured"] > 2 and row["n_tokens_measured"] % 2 == 0   # repeats were added
+    assert row["repeats"] == 1 and row["energy_window_s"] >= 1.0 and row["energy_window_min_s"] >= 1.0
+    assert row["n_tokens_measured"] > 3 and row["n_tokens_measured"] % 3 == 0   # whole generations
 
 
 def test_energy_per_token_from_scripted_power(tmp_path):
     gpu = ScriptedGpu(index=0, power_w=200.0)
-    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), prompt_len=2, new_tokens=6, repeats=2,
-                         device="cpu", min_window_s=0.5, idle_s=0)
-    with Profiler(device="cpu", gpu_source=gpu, idle_s=0.2, sample_hz=200) as prof:
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), prompt_len=2, new_tokens=6, repeats=3,
+                         device="cpu", min_window_s=0.3, idle_s=0.1)
+    with Profiler(device="cpu", gpu_source=gpu, idle_s=0.1, sample_hz=200) as prof:
         row = dp.measure(dp.configs(spec)[0], spec, prof, None)
+    assert row["repeats"] == 3 and row["energy_window_min_s"] >= 0.3
     assert row["energy_j"] == pytest.approx(200.0 * row["energy_window_s"], rel=0.1)
-    assert row["j_per_token"] == pytest.approx(row["energy_j"] / row["n_tokens_measured"])
+    assert row["j_per_token_min"] <= row["j_per_token"] <= row["j_per_token_max"]
+    assert row["power_avg_min_w"] <= row["power_avg_w"] <= row["power_avg_max_w"]
     assert row["power_avg_w"] == pytest.approx(200.0, rel=0.02)
+    assert row["idle_power_w"] == pytest.approx(200.0, rel=0.02) and abs(row["idle_drift_w"]) < 2.0
+    assert row["j_per_token_above_idle"] == pytest.approx(0.0, abs=0.05 * row["j_per_token"])
+    # 0.3 s windows see ~12 counter reads: too few updates, and the row says so
+    assert row["low_confidence"] == 1 and "counter updates < 20" in row["note"]
+
+
+def test_decode_reads_the_counter_at_window_edges_only():
+    gpu = ScriptedGpu(index=0, power_w=150.0)
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), prompt_len=2, new_tokens=3, repeats=2,
+                         device="cpu", min_window_s=0.3, idle_s=0.05)
+    with Profiler(device="cpu", gpu_source=gpu, idle_s=0.05, sample_hz=0) as prof:
+        reads = gpu.energy_reads
+        row = dp.measure(dp.configs(spec)[0], spec, prof, None)
+    assert row["n_tokens_measured"] % 3 == 0 and row["repeats"] == 2
+    # the peak-memory window, idle before and after, and the two energy windows: two reads each
+    assert gpu.energy_reads - reads == 2 * (1 + 2 + 2)
+    assert "counter updates not sampled" in row["note"]
+
+
+def test_max_window_tokens_caps_a_window_and_flags_it():
+    gpu = ScriptedGpu(index=0, power_w=150.0)
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("mmfree",), prompt_len=2, new_tokens=3, repeats=1,
+                         device="cpu", min_window_s=30.0, idle_s=0, max_window_tokens=6)
+    with Profiler(device="cpu", gpu_source=gpu, idle_s=0, sample_hz=100) as prof:
+        row = dp.measure(dp.configs(spec)[0], spec, prof, None)
+    assert row["n_tokens_measured"] == 6 and row["energy_window_s"] < 30.0
+    assert row["low_confidence"] == 1 and "< 30 s" in row["note"]
 
 
 @pytest.mark.parametrize("args, needle", [

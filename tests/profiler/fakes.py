@@ -99,3 +99,61 @@ class ScriptedGpu(GpuSource):
 
     def power_limit_w(self) -> float:
         return 700.0
+
+
+class SteppedGpu(ScriptedGpu):
+    """NVML as an H200 shows it: the energy counter and the power reading change only every
+    `update_s` (100 ms). At each update the counter adds the exact energy of the period just ended,
+    and the power reading becomes the mean power of only the last `sampled_fraction` of that period
+    (NVML samples power part of the time: Yang et al., 2024, about 25% on A100/H100). The true power
+    is `power_at(t)` on the given clock; `updates` counts the updates so far.
+    """
+
+    def __init__(self, power_at, clock, *, update_s: float = 0.1, sampled_fraction: float = 0.25,
+                 index: int = 0, offset_mj: int = 5_000_000):
+        super().__init__(index=index, power_w=power_at(clock()), offset_mj=offset_mj, clock=clock)
+        self.power_at = power_at
+        self.update_s = update_s
+        self.sampled_fraction = sampled_fraction
+        self._next = clock() + update_s
+        self._reading = power_at(clock())
+        self.updates = 0
+
+    def _integral_j(self, a: float, b: float, step_s: float = 1e-3) -> float:
+        n = max(1, round((b - a) / step_s))
+        h = (b - a) / n
+        return sum(self.power_at(a + (k + 0.5) * h) for k in range(n)) * h
+
+    def _advance(self) -> None:
+        now = self.clock()
+        while self._next <= now:
+            end = self._next
+            self._energy_j += self._integral_j(end - self.update_s, end)
+            seen_s = self.sampled_fraction * self.update_s
+            self._reading = self._integral_j(end - seen_s, end) / seen_s
+            self._next += self.update_s
+            self.updates += 1
+
+    def set_power_w(self, watts: float) -> None:
+        raise TypeError("a SteppedGpu's power is its power_at(t)")
+
+    def power_instant_w(self) -> float:
+        with self._lock:
+            self._advance()
+            return self._reading
+
+    def power_usage_w(self) -> float:
+        return self.power_instant_w()
+
+
+class ScriptedClock:
+    """A clock the test moves: `clock()` reads it, `advance(s)` moves it on."""
+
+    def __init__(self, t_s: float = 1000.0):
+        self.t_s = t_s
+
+    def __call__(self) -> float:
+        return self.t_s
+
+    def advance(self, seconds: float) -> None:
+        self.t_s += seconds

@@ -21,12 +21,20 @@ def _busy(seconds: float) -> None:
         torch.cuda.synchronize()
 
 
-def test_window_energy_and_sampler_on_real_nvml(tmp_path):
-    with Profiler(device="cuda:0", sample_hz=100, idle_s=1.0, trace_path=tmp_path / "power_trace.csv") as prof:
+@pytest.mark.parametrize("sampler", ["process", "thread"])
+def test_window_energy_and_sampler_on_real_nvml(tmp_path, sampler):
+    with Profiler(device="cuda:0", sample_hz=100, idle_s=1.0, trace_path=tmp_path / "power_trace.csv",
+                  min_window_s=2.0, sampler=sampler) as prof:
         with prof.window("load") as w:
             _busy(3.0)
+        trace = prof._sampler.traces[0]
     m = w.measurement
     assert prof.gpu_unavailable is None, prof.gpu_unavailable
+    assert prof.sampler_kind == sampler
+    for field in ("power_w", "mem_used_bytes", "gpu_util_pct", "sm_clock_mhz", "temp_c", "energy_mj"):
+        assert any(v == v for v in trace.values[field]), (field, trace.reasons)
+    assert m.n_counter_updates >= 20, m
+    assert not m.confidence_reasons, m.confidence_reasons
     assert m.energy_j > 0 and m.energy_integral_j > 0
     assert abs(m.energy_integral_j - m.energy_j) / m.energy_j < 0.05, m
     assert 200 <= m.n_samples <= 330
@@ -34,6 +42,14 @@ def test_window_energy_and_sampler_on_real_nvml(tmp_path):
     assert m.energy_above_idle_j > 0 and not m.low_confidence
     assert m.nvml_mem_used_gib > 0 and m.peak_alloc_gib > 0
     assert len((tmp_path / "power_trace.csv").read_text().splitlines()) > 300
+
+
+def test_the_sampling_process_is_the_default_on_a_gpu():
+    with Profiler(device="cuda:0", sample_hz=100, idle_s=0) as prof:
+        assert prof.sampler_kind == "process", prof.sampler_note
+        pid = prof._sampler._proc.pid
+        assert pid != __import__("os").getpid()
+    assert prof._sampler._proc.poll() == 0   # stopped cleanly on leaving
 
 
 def test_instant_power_field_and_counter():

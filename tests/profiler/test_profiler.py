@@ -24,7 +24,7 @@ def test_square_wave_counter_integral_and_idle():
     rng = random.Random()
     idle_w, high, low = rng.uniform(40, 90), rng.uniform(400, 650), rng.uniform(100, 200)
     gpu = ScriptedGpu(0, power_w=idle_w)
-    with Profiler(device="cpu", sample_hz=200, idle_s=0.3, gpu_source=gpu) as prof:
+    with Profiler(device="cpu", sample_hz=200, idle_s=0.3, gpu_source=gpu, min_window_s=1.0) as prof:
         with prof.window("load") as w:
             _square_wave(gpu, 1.2, high, low)
         gpu.set_power_w(idle_w)
@@ -52,12 +52,15 @@ def test_idle_power_source(instant):
     assert w.measurement.energy_j == pytest.approx(100.0 * w.measurement.duration_s, rel=0.01)
 
 
-def test_counter_is_read_only_at_edges():
+def test_counter_is_read_at_edges_and_every_fifth_tick():
     gpu = ScriptedGpu(0)
     with Profiler(sample_hz=500, idle_s=0.1, gpu_source=gpu) as prof:
-        with prof.window("a"):
+        with prof.window("a") as w:
             time.sleep(0.2)
-    assert gpu.energy_reads == 4  # idle start/end, window start/end
+        ticks = len(prof._sampler.traces[0].t_s)
+    # idle start/end and window start/end, plus the sampler's reads (one tick in five) to count updates
+    assert gpu.energy_reads == 4 + (ticks + 4) // 5
+    assert w.measurement.n_counter_updates >= 15   # ~20 reads in 0.2 s, every one a new value here
 
 
 def test_average_power_fallback_and_reset_mid_window():
@@ -170,3 +173,16 @@ def test_cpu_device_without_gpu_still_measures_host():
     assert m.energy_j is None and "no GPU selected" in m.unavailable["energy_j"]
     assert m.host_rss_peak_gib > 0 and m.cpu_util_pct > 0
     assert "peak_alloc_gib" in m.unavailable
+
+
+def test_continuous_window_calls_back_to_back_and_reads_the_counter_twice():
+    gpu = ScriptedGpu(0, power_w=120.0)
+    calls = []
+    with Profiler(sample_hz=0, idle_s=0, gpu_source=gpu, min_window_s=0.2) as prof:
+        m, n = prof.continuous_window("w", lambda: calls.append(time.monotonic()), min_s=0.2)
+        capped, k = prof.continuous_window("capped", lambda: None, min_s=10.0, max_calls=7)
+    assert n == len(calls) > 100 and m.duration_s >= 0.2
+    assert max(b - a for a, b in zip(calls, calls[1:])) < 0.05     # no gaps between calls
+    assert gpu.energy_reads == 4                                   # two windows, two edges each
+    assert m.energy_j == pytest.approx(120.0 * m.duration_s, rel=0.01)
+    assert k == 7 and capped.low_confidence and "< 0.2 s" in capped.confidence_reasons[0]

@@ -99,17 +99,22 @@ def test_counter_unsupported_leaves_energy_empty_with_reason():
 
 
 @pytest.mark.parametrize("duration_s, block, flagged", [
-    (0.5, 1, True),     # short window, many updates
-    (2.0, 10, False),   # 2 s of 100 ms updates: 20 updates
-    (2.0, 1000, True),  # long but the power never updated
+    (0.5, 10, True),     # short window
+    (6.0, 10, False),    # 6 s of 100 ms counter updates: 60 updates
+    (6.0, 1000, True),   # long, but the counter never updated inside it
 ])
 def test_low_confidence_flag(duration_s, block, flagged):
     rng = random.Random()
     gpus = [ScriptedGpu(0)]
     ts = [k * TICK_S for k in range(int(duration_s / TICK_S) + 20)]
-    s = _sampler(gpus, ts, [_blocky_power(rng, len(ts), block)])
-    m = build("w", Edge(0.05, energy_mj={0: 0}), Edge(0.05 + duration_s, energy_mj={0: 100}), _ctx(gpus, s), 0.0)
-    assert m.low_confidence is flagged
+    power = _blocky_power(rng, len(ts), 10)
+    s = _sampler(gpus, ts, [power])
+    s.traces[0].values["energy_mj"] = type(s.traces[0].t_s)("d", [float(k // block) for k in range(len(ts))])
+    a, b = 0.05, 0.05 + duration_s
+    counter_mj = round(1000 * _trapezoid(ts, power, a, b))   # the counter agrees with the integral
+    m = build("w", Edge(a, energy_mj={0: 0}), Edge(b, energy_mj={0: counter_mj}),
+              GpuContext(gpus, s, None, None, "skipped", 5.0), 0.0)
+    assert m.low_confidence is flagged, m.confidence_reasons
     assert m.row()["low_confidence"] == int(flagged)
 
 
