@@ -213,7 +213,8 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @main.command("train-memory")
 @click.option("--size", default="1.3b", show_default=True, help="tiny | 370m | 1.3b | 2.7b | 13b")
 @click.option("--arch", default="mmfree,transformer", show_default=True)
-@click.option("--bitlinear", default="fused,vanilla", show_default=True)
+@click.option("--bitlinear", default="vanilla,ref-fused,fused", show_default=True,
+              help="vanilla | ref-fused | fused | naive (README: what each keeps for backward)")
 @click.option("--batch", default="1,2,4,8,16,32", show_default=True)
 @click.option("--seq", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_STEPS), default=5, show_default=True,
@@ -241,7 +242,7 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
 def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
                  checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
-    """Training memory, time and energy: fused vs vanilla BitLinear vs Transformer++."""
+    """Training memory, time and energy: the BitLinear implementations vs Transformer++."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
     from mmprof.runners import train_memory as tm
@@ -261,7 +262,7 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
     spec = tm.TrainMemorySpec(
         size=size,
         archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
-        bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("fused", "vanilla"))),
+        bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("vanilla", "ref-fused", "fused", "naive"))),
         batches=tuple(parse_list(batch, "batch", positive_int)),
         seq=seq, steps=steps, warmup=warmup, device=how.device, precision=precision,
         estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,

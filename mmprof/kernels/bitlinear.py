@@ -1,30 +1,36 @@
 """BitLinear: RMSNorm, 8-bit per-token activations, ternary per-tensor weights, then a matmul.
 
-    xn = x * rsqrt(mean(x^2) + eps) * g          (eps 1e-8, learnable g = `norm.weight`)
+    xn = x * rsqrt(mean(x^2) + eps) * g          (learnable g = `norm.weight`)
     xq = round(xn * s).clamp(-128, 127) / s      s = 127 / max(max|xn|, 1e-5), per row
     wq = round(W * t).clamp(-1, 1) / t           t = 1 / max(mean|W|, 1e-5), per tensor
     y  = xq @ wq^T                               straight-through gradients for both quantizers
 
-Two implementations of the same function:
+Four implementations of the same function (`IMPLS`), chosen model-wide by `ModelConfig.bitlinear`:
 
-- `vanilla`: plain PyTorch ops; autograd saves whatever it saves (x, the normalized x, the quantized
-  x and the quantized weight in the matmul dtype, ...).
+- `vanilla`: the reference's unfused class (ops/bitnet.py `BitLinear`, the paper's baseline): its
+  fused RMSNorm keeping x and rstd, STE fake-quant, F.linear (`reference_ops.bitlinear_vanilla`).
+- `ref-fused`: the reference's `FusedBitLinear` as shipped: keeps x, rstd and the ternary weight in
+  the matmul dtype, recomputes the quantised activations (`reference_ops.bitlinear_ref_fused`).
 - `fused`: the custom op `mmprof::bitlinear_fused`. Its forward saves only x, the norm weight, the
   weight and two fp32 statistics per row (1/rms and the activation scale); its backward
   (`mmprof::bitlinear_fused_backward`) recomputes xn, xq and wq from them. Both ops have fake
   implementations, so they run on meta tensors, FakeTensor and under torch.compile.
+- `naive`: every step a plain fp32 op, autograd keeping what it keeps (`ternary.bitlinear_naive`).
 
-Precision: statistics, normalization and quantization run in fp32; the matmul runs in the autocast
-dtype when autocast is on (as `F.linear` would), otherwise in the promoted dtype of x and W. The
-output has the matmul dtype.
+The norm eps follows the reference class each mirrors (`DEFAULT_EPS`): 1e-8 for `vanilla` and
+`naive` (bitnet.BitLinear's RMSNorm), 1e-6 for `ref-fused` and `fused` (FusedBitLinear reads the
+1e-6 default of its fused op, not its norm's 1e-8; the published checkpoints ran with it).
+
+Precision: statistics, normalization and quantization of `fused` and `naive` run in fp32; the matmul
+runs in the autocast dtype when autocast is on (as `F.linear` would), otherwise in the promoted dtype
+of x and W. The output has the matmul dtype.
 
 The fused op's bodies are looked up per device type in one place (`_bodies`); every device uses the
 plain-PyTorch bodies below unless a faster body is registered with `register_bodies`. On CUDA that
-is the Triton body of `bitlinear_prologue.py` (registered when first needed), which saves the same
-tensors, so the saving is the same on every device.
+is the Triton body of `bitlinear_prologue.py` (`CUDA_BODIES`, registered when first needed), which
+saves the same tensors, so the saving is the same on every device.
 """
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -32,77 +38,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-NORM_EPS = 1e-8
-ACT_LEVELS = 127.0
-SCALE_FLOOR = 1e-5
-IMPLS = ("vanilla", "fused")
+from mmprof.kernels.reference_ops import bitlinear_ref_fused, bitlinear_vanilla
+from mmprof.kernels.ternary import (  # noqa: F401  (the shared arithmetic, re-exported for older callers)
+    ACT_LEVELS,
+    NORM_EPS,
+    REF_FUSED_EPS,
+    SCALE_FLOOR,
+    act_quant,
+    act_scale,
+    autocast_dtype as _autocast_dtype,
+    autocast_off as _autocast_off,
+    bitlinear_naive,
+    matmul_dtype,
+    rms_inv,
+    rms_norm,
+    weight_quant,
+)
 
-# ---------------------------------------------------------------------------------------------
-# Reference math (plain PyTorch, shared by both implementations)
-# ---------------------------------------------------------------------------------------------
-
-
-def rms_inv(xf: Tensor, eps: float = NORM_EPS) -> Tensor:
-    """1 / rms over the last dim, keepdim; xf is fp32."""
-    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim computed in fp32; result in x's dtype."""
-    xf = x.float()
-    return (xf * rms_inv(xf, eps) * weight.float()).to(x.dtype)
-
-
-def act_scale(xn: Tensor) -> Tensor:
-    """Per-row 8-bit scale 127 / max|xn|, keepdim."""
-    return ACT_LEVELS / xn.abs().amax(-1, keepdim=True).clamp(min=SCALE_FLOOR)
-
-
-def act_quant(xn: Tensor, scale: Tensor) -> Tensor:
-    """Quantize to int8 levels and back: round(xn * s).clamp(-128, 127) / s."""
-    return (xn * scale).round().clamp(-128, 127) / scale
+IMPLS = ("vanilla", "ref-fused", "fused", "naive")
+DEFAULT_EPS = {"vanilla": NORM_EPS, "ref-fused": REF_FUSED_EPS, "fused": REF_FUSED_EPS, "naive": NORM_EPS}
+# The reference class each implementation mirrors (README, model config).
+MIRRORS = {
+    "vanilla": "mmfreelm.ops.bitnet.BitLinear",
+    "ref-fused": "mmfreelm.ops.fusedbitnet.FusedBitLinear",
+    "fused": "mmfreelm.ops.fusedbitnet.FusedBitLinear",
+    "naive": "mmfreelm.ops.bitnet.BitLinear",
+}
 
 
-def weight_quant(w: Tensor) -> Tensor:
-    """Ternary weights with one scale per tensor: round(W / mean|W|).clamp(-1, 1) * mean|W|."""
-    scale = 1.0 / w.abs().mean().clamp(min=SCALE_FLOOR)
-    return (w * scale).round().clamp(-1, 1) / scale
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for this device type, or None (also for types autocast lacks)."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return None
-    return None
-
-
-def matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype BitLinear's matmul runs in: autocast's if on, else promote(x, W)."""
-    cast = _autocast_dtype(x.device.type)
-    return cast if cast is not None else torch.promote_types(x.dtype, weight.dtype)
-
-
-@contextlib.contextmanager
-def _autocast_off(device_type: str):
-    """Run inner ops in exactly the dtypes they are given (the op chose its matmul dtype)."""
-    if _autocast_dtype(device_type) is None:
-        yield
-    else:
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-
-
-def bitlinear_vanilla(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float = NORM_EPS) -> Tensor:
-    """The unoptimized BitLinear: plain ops, straight-through estimators via detach."""
-    xf = x.float()
-    xn = xf * rms_inv(xf, eps) * norm_weight.float()
-    xq = xn + (act_quant(xn, act_scale(xn)) - xn).detach()
-    wq = weight + (weight_quant(weight) - weight).detach()
-    mm = matmul_dtype(x, weight)
-    return F.linear(xq.to(mm), wq.to(mm))
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
+    return impl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +121,9 @@ def register_bodies(device_type: str, forward: ForwardBody, backward: BackwardBo
 def _bodies(device_type: str) -> tuple[ForwardBody, BackwardBody]:
     """The one dispatch point: a registered body for this device, else the plain-PyTorch one."""
     if device_type == "cuda" and device_type not in _REGISTERED:
-        from mmprof.kernels import bitlinear_prologue  # noqa: F401  (registers the Triton bodies)
+        from mmprof.kernels.bitlinear_prologue import CUDA_BODIES  # the Triton bodies, imported when first needed
+
+        register_bodies("cuda", *CUDA_BODIES)
     return _REGISTERED.get(device_type, (_forward_reference, _backward_reference))
 
 
@@ -217,12 +186,16 @@ bitlinear_fused.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
-def bitlinear(x: Tensor, norm_weight: Tensor, weight: Tensor, impl: str = "fused", eps: float = NORM_EPS) -> Tensor:
-    """BitLinear of x [..., K] with norm weight [K] and weight [N, K] -> [..., N]."""
+def bitlinear(x: Tensor, norm_weight: Tensor, weight: Tensor, impl: str = "fused", eps: float | None = None) -> Tensor:
+    """BitLinear of x [..., K] with norm weight [K] and weight [N, K] -> [..., N]; eps None: the
+    implementation's own (`DEFAULT_EPS`)."""
+    eps = DEFAULT_EPS[check_impl(impl)] if eps is None else eps
     if impl == "vanilla":
         return bitlinear_vanilla(x, norm_weight, weight, eps)
-    if impl != "fused":
-        raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
+    if impl == "ref-fused":
+        return bitlinear_ref_fused(x, norm_weight, weight, eps)
+    if impl == "naive":
+        return bitlinear_naive(x, norm_weight, weight, eps)
     lead = x.shape[:-1]
     y, _, _ = torch.ops.mmprof.bitlinear_fused(
         x.reshape(-1, x.shape[-1]), norm_weight, weight, eps, matmul_dtype(x, weight)
@@ -239,12 +212,12 @@ class _NormWeight(nn.Module):
 
 
 class BitLinear(nn.Module):
-    """Ternary linear layer with its own input RMSNorm; no bias. `impl`: vanilla | fused."""
+    """Ternary linear layer with its own input RMSNorm; no bias. `impl`: one of `IMPLS` (the model
+    sets it from its config); eps None: the implementation's own."""
 
-    def __init__(self, in_features: int, out_features: int, impl: str = "fused", eps: float = NORM_EPS):
+    def __init__(self, in_features: int, out_features: int, impl: str = "fused", eps: float | None = None):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"unknown BitLinear implementation {impl!r}; expected one of {IMPLS}")
+        eps = DEFAULT_EPS[check_impl(impl)] if eps is None else eps
         self.in_features, self.out_features, self.impl, self.eps = in_features, out_features, impl, eps
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.norm = _NormWeight(in_features)
@@ -254,4 +227,4 @@ class BitLinear(nn.Module):
         return bitlinear(x, self.norm.weight, self.weight, self.impl, self.eps)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, impl={self.impl}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, impl={self.impl}, eps={self.eps}"

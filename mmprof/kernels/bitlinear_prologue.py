@@ -34,15 +34,9 @@ from torch import Tensor
 from mmprof.kernels import bitlinear_torch as rows_torch
 from mmprof.kernels import bitlinear_triton as tri
 from mmprof.kernels._triton_util import select_backend
-from mmprof.kernels.bitlinear import (
-    NORM_EPS,
-    _autocast_dtype,
-    _autocast_off,
-    bitlinear_vanilla,
-    register_bodies,
-    rms_norm,
-)
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
+from mmprof.kernels.ternary import NORM_EPS, autocast_dtype as _autocast_dtype, autocast_off as _autocast_off
+from mmprof.kernels.ternary import bitlinear_naive, rms_norm
 
 PROLOGUES = tri.PROLOGUES
 _PRE_NORMED = ("norm", "add_norm", "norm_gate")
@@ -73,7 +67,7 @@ def bitlinear_prologue_ref(prologue, x, norm_weights, weights, *, aux=None, pre_
                            eps=NORM_EPS):  # fmt: skip
     """The twin of `bitlinear_prologue`: (tuple of y_k, x2 or None)."""
     u, x2 = prologue_ref(prologue, x, aux, pre_weight, pre_eps)
-    return tuple(bitlinear_vanilla(u, g, w, eps) for g, w in zip(norm_weights, weights)), x2
+    return tuple(bitlinear_naive(u, g, w, eps) for g, w in zip(norm_weights, weights)), x2
 
 
 _TRITON = (tri.quantize_rows, tri.quantize_rows_backward, tri.ternary_weight)
@@ -326,4 +320,5 @@ def _plain_backward_cuda(grad_y, x2d, norm_weight, weight, r, s, eps, mm):
     return dx, d_norms[0], d_weights[0]
 
 
-register_bodies("cuda", _plain_forward_cuda, _plain_backward_cuda)
+# What `bitlinear.py` registers for the op `mmprof::bitlinear_fused` on CUDA (this file does not import it).
+CUDA_BODIES = (_plain_forward_cuda, _plain_backward_cuda)

@@ -5,7 +5,7 @@ backend="torch". Each rounds where the unfused model's ops round."""
 import torch
 import torch.nn.functional as F
 
-from mmprof.kernels.bitlinear import act_quant, act_scale, rms_inv, weight_quant
+from mmprof.kernels.ternary import act_quant, act_scale, rms_inv, weight_quant
 
 
 def _input(prologue, x, aux, pre_weight, pre_eps, r0=None):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, persistent_programs, round_half_even, row_block
-from mmprof.kernels.bitlinear import ACT_LEVELS, SCALE_FLOOR
+from mmprof.kernels.ternary import ACT_LEVELS, SCALE_FLOOR
 from mmprof.kernels.norm_gate import norm_silu_gate_grads
 
 PROLOGUES = ("none", "norm", "add_norm", "glu", "norm_gate")

@@ -1,4 +1,5 @@
-"""Cross-entropy of x @ weight.T computed chunk by chunk, never holding the [tokens, vocab] logits.
+"""Cross-entropy of x @ weight.T computed chunk by chunk, never holding the [tokens, vocab] logits;
+and `cross_entropy_inplace`, the reference's fused cross-entropy over given logits.
 
 `linear_cross_entropy` is the custom op `mmprof::linear_cross_entropy_fwd` (backward
 `mmprof::linear_cross_entropy_bwd`) with fake implementations. Forward walks the tokens in chunks:
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, interpreting, select_backend
-from mmprof.kernels.bitlinear import matmul_dtype
+from mmprof.kernels.ternary import matmul_dtype
 
 
 def linear_cross_entropy_ref(x, weight, labels, *, ignore_index=-100):
@@ -214,3 +215,56 @@ def linear_cross_entropy(x, weight, labels, *, chunk_tokens=4096, ignore_index=-
     x, weight = x.to(dtype).contiguous(), weight.to(dtype).contiguous()
     loss, _ = _linear_ce_fwd(x, weight, labels.contiguous(), int(chunk_tokens), int(ignore_index), backend)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy over given logits, gradient written into them (the reference's FusedCrossEntropyLoss)
+# ---------------------------------------------------------------------------------------------
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """Keeps the logits (in their own dtype), one fp32 logsumexp per row and the labels, as the
+    reference's `CrossEntropyLossFunction` with `inplace_backward=True`; backward overwrites the
+    logits with their gradient and returns them."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, chunk_rows, backend):
+        triton_rows = select_backend(backend, logits) == "triton" and logits.numel() > 0
+        lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+        valid = labels != ignore_index
+        target = logits.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0].float()
+        with device_guard(logits), torch.autocast(logits.device.type, enabled=False):
+            if triton_rows:
+                _logsumexp_triton(logits, lse)
+            else:
+                for start, end in _chunks(logits.shape[0], chunk_rows):
+                    _logsumexp_torch(logits[start:end], lse[start:end])
+        loss = torch.where(valid, lse - target, 0.0).sum() / valid.sum()
+        ctx.save_for_backward(logits, lse, labels)
+        ctx.options = (ignore_index, chunk_rows, triton_rows)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, lse, labels = ctx.saved_tensors
+        ignore_index, chunk_rows, triton_rows = ctx.options
+        scale = grad_loss.float() / (labels != ignore_index).sum().clamp(min=1)
+        with device_guard(logits), torch.autocast(logits.device.type, enabled=False):
+            if triton_rows:
+                _softmax_grad_triton(logits, labels, lse, ignore_index)
+            else:
+                for start, end in _chunks(logits.shape[0], chunk_rows):
+                    _softmax_grad_torch(logits[start:end], labels[start:end], lse[start:end], ignore_index)
+            logits.mul_(scale.to(logits.dtype))
+        return logits, None, None, None, None
+
+
+def cross_entropy_inplace(logits, labels, *, ignore_index=-100, chunk_rows=1024, backend="auto"):
+    """Mean cross-entropy of logits [N, V] against labels [N]; keeps the logits and writes their
+    gradient into them in backward (no second [N, V] tensor). The logits must not be needed after
+    backward. Without Triton, rows are processed `chunk_rows` at a time (fp32 copies of one chunk)."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits [N, V] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return _CrossEntropyInplace.apply(logits.contiguous(), labels.contiguous(), int(ignore_index),
+                                      int(chunk_rows), backend)
+

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, persistent_programs, row_block, select_backend
-from mmprof.kernels.bitlinear import rms_inv
+from mmprof.kernels.ternary import rms_inv
 
 
 def rms_norm_silu_gate_ref(g, c, weight, eps=1e-6):
@@ -183,6 +183,7 @@ _norm_gate_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def rms_norm_silu_gate(g, c, weight, eps=1e-6, *, backend="auto"):
     """RMSNorm(g) * weight * silu(c) over the last dim; g and c [..., D], weight [D]; result in g's dtype.
+    c is kept in its own dtype (an fp32 MLGRU output is not copied to g's dtype).
 
     backend: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
     """
@@ -190,7 +191,5 @@ def rms_norm_silu_gate(g, c, weight, eps=1e-6, *, backend="auto"):
         raise ValueError(f"g and c must have the same shape; got {tuple(g.shape)} and {tuple(c.shape)}")
     if weight.shape != g.shape[-1:]:
         raise ValueError(f"weight must be [{g.shape[-1]}], got {tuple(weight.shape)}")
-    if c.dtype != g.dtype:
-        c = c.to(g.dtype)
     out, _ = _norm_gate_fwd(g.contiguous(), c.contiguous(), weight.contiguous(), float(eps), backend)
     return out

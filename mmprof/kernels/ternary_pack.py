@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import SCALE_FLOOR
+from mmprof.kernels.ternary import SCALE_FLOOR
 
 WEIGHTS_PER_WORD = 16
 CODE_MASK = 0x03030303

@@ -17,6 +17,10 @@ from mmprof.results.store import Run
 # Metrics where higher is better get a ratio ("1.47x"); the rest a percent change ("-61.0%").
 HIGHER_IS_BETTER = {"tokens_per_s", "mfu", "bandwidth_gbps", "bandwidth_frac"}
 
+# A row is only ever compared with a baseline row of the same architecture, size, batch and
+# sequence (never a Transformer++ row with a MatMul-free one), whatever the other columns say.
+LIKE_WITH_LIKE = ["arch", "size", "batch", "seq"]
+
 # Metrics a report shows relative columns for, when present and non-empty.
 KEY_METRICS = [
     "peak_alloc_gib", "act_mem_gib", "step_time_s", "tokens_per_s", "j_per_token",
@@ -96,12 +100,13 @@ def build_report(runs: list[Run], baseline: tuple[str, str] | None = None,
     base_rows = df[df[col] == val]
     if base_rows.empty:
         raise UserError(f"no rows with {col}={val} to use as baseline")
-    keys = [c for c in spec_like(list(df.columns)) if c != col and not _follows(df, c, col)]
+    must = [c for c in LIKE_WITH_LIKE if c in df.columns and c != col]
+    keys = [c for c in spec_like(list(df.columns)) if c != col and c not in must and not _follows(df, c, col)]
     metrics = [m for m in KEY_METRICS if m in df.columns and (df[m] != "").any()]
     for m in metrics:
         rel = []
         for _, row in df.iterrows():
-            match = _find_baseline(row, base_rows, keys)
+            match = _find_baseline(row, base_rows, keys, must)
             rel.append("" if match is None else _relative(_num(row[m]), _num(match[m]), m))
         out[f"{m} vs {val}"] = rel
     if "note" in out.columns:
@@ -117,11 +122,12 @@ def _follows(df: pd.DataFrame, column: str, by: str) -> bool:
     return bool((df.groupby(by)[column].nunique() <= 1).all())
 
 
-def _find_baseline(row: pd.Series, base_rows: pd.DataFrame, keys: list[str]) -> pd.Series | None:
-    """The baseline row agreeing with `row` on every spec key that the baseline row sets."""
+def _find_baseline(row: pd.Series, base_rows: pd.DataFrame, keys: list[str], must: list[str] = ()) -> pd.Series | None:
+    """The baseline row equal to `row` on every `must` column and agreeing on every other spec key
+    that the baseline row sets."""
     for _, b in base_rows.iterrows():
         if b.get("status") not in ("ok", None):
             continue
-        if all(b[k] == "" or b[k] == row[k] for k in keys):
+        if all(b[k] == row[k] for k in must) and all(b[k] == "" or b[k] == row[k] for k in keys):
             return b
     return None

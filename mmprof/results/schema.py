@@ -16,7 +16,8 @@ SPEC_COLUMNS: dict[str, dict[str, str]] = {
     "train-memory": {
         "arch": "mmfree | transformer",
         "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b)",
-        "bitlinear": "fused | vanilla (empty for transformer)",
+        "bitlinear": "vanilla | ref-fused | fused | naive: the BitLinear implementation of the whole model "
+                     "(README table; empty for transformer)",
         "batch": "sequences per step",
         "seq": "tokens per sequence",
         "steps": "timed optimizer steps",

@@ -24,7 +24,7 @@ SWEPT = {"archs", "bitlinears", "batches", "checkpointings"}   # spec lists a --
 class TrainMemorySpec:
     size: str
     archs: tuple[str, ...] = ("mmfree", "transformer")
-    bitlinears: tuple[str, ...] = ("fused", "vanilla")
+    bitlinears: tuple[str, ...] = ("vanilla", "ref-fused", "fused")
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seq: int = 2048
     steps: int = 5

@@ -28,19 +28,23 @@ def build_model(
     arch: str,
     size_or_config: str | ModelConfig,
     *,
-    bitlinear: str = "fused",
+    bitlinear: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> nn.Module:
-    """A MatMul-free LM or Transformer++ with fresh random weights on `device` in `dtype`."""
+    """A MatMul-free LM or Transformer++ with fresh random weights on `device` in `dtype`.
+
+    `bitlinear` (MatMul-free only): sets the config's `bitlinear` field; None keeps the config's."""
     cfg = resolve_config(size_or_config)
     check_arch(arch)
-    if bitlinear not in IMPLS:
-        raise UserError(f"unknown BitLinear implementation {bitlinear!r}; valid: {', '.join(IMPLS)}")
+    if bitlinear is not None:
+        if bitlinear not in IMPLS:
+            raise UserError(f"unknown BitLinear implementation {bitlinear!r}; valid: {', '.join(IMPLS)}")
+        cfg = cfg.replace(bitlinear=bitlinear)
     device = torch.device(device)
     make = MMFreeLM if arch == "mmfree" else TransformerLM
-    args = (cfg, bitlinear) if arch == "mmfree" else (cfg,)
+    args = (cfg,)
     if _fake_mode_active():  # fake tensors hold no memory: make them in place (they cannot be swapped)
         with torch.device(device), _default_dtype(dtype):
             model = make(*args)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import rms_norm
+from mmprof.kernels.ternary import rms_norm
 
 IGNORE_INDEX = -100
 

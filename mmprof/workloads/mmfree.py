@@ -6,8 +6,15 @@ MLGRU:  f = sigmoid(f_proj h), raised by the layer's lower bound for layers > 0;
 GLU:    a, b = split(gate_proj h);  down_proj(silu(a) * b).
 Every projection, lm_head included, is a ternary BitLinear; the embedding is a plain table.
 
-Two paths compute the same function. `vanilla` runs the ops one by one (the paper's unoptimised
-baseline; autograd keeps what it keeps). `fused` folds each BitLinear's preceding elementwise op
+Three paths compute the same function, chosen by the config's `bitlinear` field:
+- `naive` runs every op one by one in plain PyTorch, autograd keeping what it keeps (the textbook cost).
+- `vanilla` and `ref-fused` are the reference model as shipped (`forward_reference`): its fused
+  RMSNorms keeping input and rstd, the gate arithmetic as separate ops, a SiLU-multiply keeping its
+  two inputs, the recurrence keeping f and its output, the fused RMSNorm-SiLU output gate and a
+  cross-entropy over the logits that writes its gradient into them (`kernels/reference_ops.py`);
+  only the BitLinear differs: the reference's unfused class (`vanilla`, the paper's baseline) or
+  its FusedBitLinear (`ref-fused`).
+- `fused` folds each BitLinear's preceding elementwise op
 into its input pass (`bitlinear_prologue`: attn_norm into i/f/g_proj, the residual add and mlp_norm
 into gate_proj, silu(a) * b into down_proj, the output gate into o_proj), runs the recurrence with
 the gates computed inside the kernel (`mlgru`) and the loss as a chunked cross-entropy through the
@@ -25,9 +32,10 @@ from torch import Tensor
 
 from mmprof.kernels.bitlinear import BitLinear, matmul_dtype
 from mmprof.kernels.bitlinear_prologue import bitlinear_prologue, quantized_input, ternary_weight
-from mmprof.kernels.cross_entropy import linear_cross_entropy
+from mmprof.kernels.cross_entropy import cross_entropy_inplace, linear_cross_entropy
 from mmprof.kernels.mlgru import mlgru
-from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
+from mmprof.kernels.norm_gate import rms_norm_silu_gate, rms_norm_silu_gate_ref
+from mmprof.kernels.reference_ops import rms_norm_keep_input, swiglu
 from mmprof.workloads.layers import IGNORE_INDEX, ModelOutput, RMSNorm, lm_loss, next_token_targets
 from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.presets import ModelConfig
@@ -47,24 +55,46 @@ def mlgru_gates(f_pre: Tensor, i_pre: Tensor, lower_bound: Tensor | None) -> tup
     return f, F.silu(i_pre) * (1 - f)
 
 
+REFERENCE_BODY = ("vanilla", "ref-fused")  # implementations run through `forward_reference`
+
+
+def bit_linear(cfg: ModelConfig, in_features: int, out_features: int) -> BitLinear:
+    """A BitLinear of the config's implementation and norm eps."""
+    return BitLinear(in_features, out_features, cfg.bitlinear, cfg.bitlinear_norm_eps)
+
+
 class MLGRU(nn.Module):
     """The token mixer (`attn` in the reference names)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, bitlinear: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         d = cfg.hidden_size
         self.layer_idx = layer_idx
-        self.i_proj = BitLinear(d, d, bitlinear)
-        self.f_proj = BitLinear(d, d, bitlinear)
-        self.g_proj = BitLinear(d, d, bitlinear)
+        self.i_proj = bit_linear(cfg, d, d)
+        self.f_proj = bit_linear(cfg, d, d)
+        self.g_proj = bit_linear(cfg, d, d)
         self.g_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.o_proj = BitLinear(d, d, bitlinear)
+        self.o_proj = bit_linear(cfg, d, d)
 
     def forward(self, h: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
         lb = lower_bound if self.layer_idx > 0 else None
         f, i = mlgru_gates(self.f_proj(h), self.i_proj(h), lb)
         c, final_state = mlgru_scan(f, i, state)
         o = rms_norm_silu_gate_ref(self.g_proj(h), c, self.g_norm.weight, self.g_norm.eps)
+        return self.o_proj(o), final_state
+
+    def forward_reference(self, h: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """As the reference's HGRNBitAttention: the gates as separate ops (for layers > 0 the fp32
+        lower bound makes f, 1 - f and the recurrence fp32, as there), silu(i) * (1 - f) keeping its
+        inputs, the recurrence keeping f and its output, the fused norm-gate keeping g_proj's output,
+        the recurrence's output and rstd."""
+        i = self.i_proj(h)
+        f = self.f_proj(h).sigmoid()
+        if lower_bound is not None and self.layer_idx > 0:
+            f = lower_bound + (1 - lower_bound) * f
+        i = swiglu(i, 1 - f)
+        c, final_state = mlgru_scan(f, i, state)
+        o = rms_norm_silu_gate(self.g_proj(h), c, self.g_norm.weight, self.g_norm.eps)
         return self.o_proj(o), final_state
 
     def forward_fused(
@@ -87,14 +117,19 @@ class MLGRU(nn.Module):
 
 
 class GLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, bitlinear: str):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = BitLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bitlinear)
-        self.down_proj = BitLinear(cfg.intermediate_size, cfg.hidden_size, bitlinear)
+        self.gate_proj = bit_linear(cfg, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = bit_linear(cfg, cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, h: Tensor) -> Tensor:
         a, b = self.gate_proj(h).chunk(2, dim=-1)
         return self.down_proj(F.silu(a) * b)
+
+    def forward_reference(self, h: Tensor) -> Tensor:
+        """As the reference's HGRNBitMLP: the SiLU-multiply keeps gate_proj's output."""
+        a, b = self.gate_proj(h).chunk(2, dim=-1)
+        return self.down_proj(swiglu(a, b))
 
     def forward_fused(self, x: Tensor, mixed: Tensor, norm: RMSNorm) -> Tensor:
         """x + mixed + GLU(norm(x + mixed)), with the add and `norm` (mlp_norm) folded into gate_proj."""
@@ -109,29 +144,35 @@ class GLU(nn.Module):
 
 
 class MMFreeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, bitlinear: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.bitlinear = cfg.bitlinear
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = MLGRU(cfg, layer_idx, bitlinear)
+        self.attn = MLGRU(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GLU(cfg, bitlinear)
+        self.mlp = GLU(cfg)
 
     def forward(self, x: Tensor, lower_bound: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.attn.i_proj.impl == "fused":
+        if self.bitlinear == "fused":
             mixed, new_state = self.attn.forward_fused(x, self.attn_norm, lower_bound, state)
             return self.mlp.forward_fused(x, mixed, self.mlp_norm), new_state
+        if self.bitlinear in REFERENCE_BODY:  # the residual add is fused into mlp_norm, as there
+            h = rms_norm_keep_input(x, self.attn_norm.weight, self.attn_norm.eps)
+            mixed, new_state = self.attn.forward_reference(h, lower_bound, state)
+            h, x = rms_norm_keep_input(mixed, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
+            return x + self.mlp.forward_reference(h), new_state
         mixed, new_state = self.attn(self.attn_norm(x), lower_bound, state)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
 
 
 class MMFreeBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, bitlinear: str):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.use_lower_bound:
             self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_layers, cfg.hidden_size))
-        self.layers = nn.ModuleList(MMFreeBlock(cfg, n, bitlinear) for n in range(cfg.num_layers))
+        self.layers = nn.ModuleList(MMFreeBlock(cfg, n) for n in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -140,11 +181,13 @@ class MMFreeLM(nn.Module):
 
     arch = "mmfree"
 
-    def __init__(self, cfg: ModelConfig, bitlinear: str = "fused"):
+    def __init__(self, cfg: ModelConfig, bitlinear: str | None = None):
+        """`bitlinear`, when given, replaces the config's `bitlinear` field (the one switch)."""
         super().__init__()
+        cfg = cfg.replace(bitlinear=bitlinear) if bitlinear is not None else cfg
         self.config = cfg
-        self.model = MMFreeBackbone(cfg, bitlinear)
-        self.lm_head = BitLinear(cfg.hidden_size, cfg.vocab_size, bitlinear)
+        self.model = MMFreeBackbone(cfg)
+        self.lm_head = bit_linear(cfg, cfg.hidden_size, cfg.vocab_size)
 
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, state: list[Tensor] | None = None,
@@ -160,7 +203,16 @@ class MMFreeLM(nn.Module):
             new_state.append(layer_state)
         if last_only and labels is None:
             x = x[:, -1:]
-        if self.lm_head.impl != "fused":
+        impl = self.config.bitlinear
+        if impl in REFERENCE_BODY:
+            logits = self.lm_head(rms_norm_keep_input(x, body.norm.weight, body.norm.eps))
+            loss = None
+            if labels is not None:
+                targets = next_token_targets(labels).reshape(-1)
+                loss = cross_entropy_inplace(logits.view(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
+                logits = None  # its storage holds the gradient after backward
+            return ModelOutput(logits=logits, loss=loss, state=new_state)
+        if impl != "fused":
             logits = self.lm_head(body.norm(x))
             loss = lm_loss(logits, labels) if labels is not None else None
             return ModelOutput(logits=logits, loss=loss, state=new_state)

@@ -31,6 +31,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_word_embeddings: bool = False
     use_lower_bound: bool = True
+    # MatMul-free only: the BitLinear implementation of the whole model (vanilla | ref-fused | fused |
+    # naive, see kernels/bitlinear.py) and its norm eps; None: the eps of the reference class it mirrors
+    bitlinear: str = "fused"
+    bitlinear_eps: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads"):
@@ -38,8 +42,19 @@ class ModelConfig:
                 raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise UserError(f"model config: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        from mmprof.kernels.bitlinear import IMPLS
+
+        if self.bitlinear not in IMPLS:
+            raise UserError(f"unknown BitLinear implementation {self.bitlinear!r}; valid: {', '.join(IMPLS)}")
         if self.num_heads % self.kv_heads:
             raise UserError(f"model config: num_heads {self.num_heads} not divisible by num_kv_heads {self.kv_heads}")
+
+    @property
+    def bitlinear_norm_eps(self) -> float:
+        """The eps of every BitLinear's own RMSNorm: `bitlinear_eps`, else the implementation's."""
+        from mmprof.kernels.bitlinear import DEFAULT_EPS
+
+        return self.bitlinear_eps if self.bitlinear_eps is not None else DEFAULT_EPS[self.bitlinear]
 
     @property
     def head_dim(self) -> int:

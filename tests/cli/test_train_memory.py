@@ -23,17 +23,21 @@ def test_meta_estimate_sweep_at_tiny(tmp_path):
                "--out", str(out))
     assert r.exit_code == 0, r.output
     df = _rows(out)
-    assert len(df) == 6 and set(df["status"]) == {"ok"}
+    assert len(df) == 8 and set(df["status"]) == {"ok"}  # vanilla, ref-fused, fused, transformer x 2 batches
+    assert set(df["bitlinear"].fillna("")) == {"vanilla", "ref-fused", "fused", ""}
     assert (df["estimated"] == 1).all() and df["step_time_s"].isna().all()
     assert df["note"].str.contains("estimated on fake tensors").all()
     # more batch, more activation memory
     for _, g in df.groupby(["arch", "bitlinear"], dropna=False):
         g = g.sort_values("batch")
         assert g["act_mem_gib"].is_monotonic_increasing and g["act_mem_gib"].iloc[0] > 0
-    fused = df[df["bitlinear"] == "fused"].set_index("batch")
-    vanilla = df[df["bitlinear"] == "vanilla"].set_index("batch")
-    assert (fused["act_mem_gib"] < vanilla["act_mem_gib"]).all()
-    assert "fused vs vanilla" in r.output
+    act = {impl: df[df["bitlinear"] == impl].set_index("batch")["act_mem_gib"] for impl in ("fused", "ref-fused",
+                                                                                           "vanilla")}
+    # at this tiny size the gradients can set the peak at batch 1, so the implementations may tie there
+    assert (act["fused"] <= act["ref-fused"]).all() and (act["ref-fused"] <= act["vanilla"]).all()
+    assert act["fused"][2] < act["ref-fused"][2] < act["vanilla"][2]
+    for shown in ("paper: fused vs vanilla", "reference: ref-fused vs vanilla", "mmprof: fused vs vanilla"):
+        assert shown in r.output
 
 
 def test_estimated_state_bytes_equal_analytic_counts():
@@ -78,7 +82,7 @@ def test_oom_becomes_a_row_and_stops_that_implementation(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     df = _rows(out)
     mm = df[df["arch"] == "mmfree"]
-    for impl in ("fused", "vanilla"):
+    for impl in ("vanilla", "ref-fused", "fused"):
         got = mm[mm["bitlinear"] == impl].sort_values("batch")
         assert list(got["batch"]) == [1, 2] and list(got["status"]) == ["ok", "oom"]
         assert "out of memory" in got["note"].iloc[1]
@@ -96,7 +100,7 @@ def test_resume_skips_finished_configurations(tmp_path):
     assert after.startswith(before)
     rows = list(csv.DictReader(open(out / "measurements.csv")))
     assert sorted((r["bitlinear"], r["batch"]) for r in rows) == [
-        ("fused", "1"), ("fused", "2"), ("vanilla", "1"), ("vanilla", "2")]
+        ("fused", "1"), ("fused", "2"), ("ref-fused", "1"), ("ref-fused", "2"), ("vanilla", "1"), ("vanilla", "2")]
 
 
 @pytest.mark.parametrize("args, needle", [

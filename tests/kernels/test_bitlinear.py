@@ -1,5 +1,5 @@
-"""BitLinear: the fused custom op against the vanilla path, the quantizers against their definition,
-and the bytes each saves for backward."""
+"""BitLinear: every implementation (vanilla, ref-fused, fused) against the naive one, the quantizers
+against their definition, and the bytes each saves for backward."""
 
 import os
 
@@ -42,11 +42,11 @@ def run(impl, x, g, w, grad_y=None, autocast=None):
     """Output, grads of x, g, w and the bytes of non-parameter tensors saved for backward."""
     x, g, w = (t.detach().clone().requires_grad_() for t in (x, g, w))
 
-    def forward():
+    def forward():  # one eps for all: the same function
         if autocast is None:
-            return bitlinear(x, g, w, impl)
+            return bitlinear(x, g, w, impl, eps=1e-8)
         with torch.autocast("cpu", dtype=autocast):
-            return bitlinear(x, g, w, impl)
+            return bitlinear(x, g, w, impl, eps=1e-8)
 
     y, saved_bytes = saved_activation_bytes(forward, params=(g, w))
     grad_y = torch.randn_like(y) if grad_y is None else grad_y
@@ -54,42 +54,57 @@ def run(impl, x, g, w, grad_y=None, autocast=None):
     return y.detach(), x.grad, g.grad, w.grad, saved_bytes, grad_y
 
 
+IMPLS = ["vanilla", "ref-fused", "fused"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_fused_matches_vanilla_fp32(shape, seed):
+def test_matches_naive_fp32(impl, shape, seed):
     x, g, w = inputs(*shape)
-    ref = run("vanilla", x, g, w)
-    got = run("fused", x, g, w, grad_y=ref[-1])
+    ref = run("naive", x, g, w)
+    got = run(impl, x, g, w, grad_y=ref[-1])
     for name, a, b in zip(("y", "dx", "dg", "dw"), got[:4], ref[:4]):
         assert a.dtype == b.dtype, name
-        assert rel_rms(a, b) < 1e-5, f"{name} seed={seed}"
+        assert rel_rms(a, b) < 1e-5, f"{impl} {name} seed={seed}"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", list(SHAPES.values())[:3], ids=list(SHAPES)[:3])
-def test_fused_matches_vanilla_bf16_autocast(shape, seed):
+def test_matches_naive_bf16_autocast(impl, shape, seed):
     x, g, w = inputs(*shape)
-    ref = run("vanilla", x, g, w, autocast=torch.bfloat16)
-    got = run("fused", x, g, w, grad_y=ref[-1], autocast=torch.bfloat16)
+    ref = run("naive", x, g, w, autocast=torch.bfloat16)
+    got = run(impl, x, g, w, grad_y=ref[-1], autocast=torch.bfloat16)
     assert got[0].dtype == ref[0].dtype == torch.bfloat16
     for name, a, b, src in zip(("y", "dx", "dg", "dw"), got[:4], ref[:4], (None, x, g, w)):
         if src is not None:
             assert a.dtype == b.dtype == src.dtype, name
-        assert rel_rms(a, b) < 1e-2, f"{name} seed={seed}"
+        assert rel_rms(a, b) < 1e-2, f"{impl} {name} seed={seed}"
 
 
-def test_fused_matches_vanilla_pure_bf16(seed):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_naive_pure_bf16(impl, seed):
     x, g, w = inputs(2, 9, 64, 48, dtype=torch.bfloat16)
-    ref = run("vanilla", x, g, w)
-    got = run("fused", x, g, w, grad_y=ref[-1])
+    ref = run("naive", x, g, w)
+    got = run(impl, x, g, w, grad_y=ref[-1])
     for name, a, b in zip(("y", "dx", "dg", "dw"), got[:4], ref[:4]):
         assert a.dtype == b.dtype == torch.bfloat16, name
-        assert rel_rms(a, b) < 2e-2, f"{name} seed={seed}"
+        assert rel_rms(a, b) < 2e-2, f"{impl} {name} seed={seed}"
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_ref_fused_saves_x_rstd_and_the_ternary_weight(autocast, seed):
+    batch, steps, k, n = 4, 32, 128, 96
+    x, g, w = inputs(batch, steps, k, n)
+    saved = run("ref-fused", x, g, w, autocast=autocast)[4]
+    weight_bytes = n * k * (2 if autocast else 4)  # the reference keeps it in the matmul dtype
+    assert saved == x.numel() * x.element_size() + batch * steps * 4 + weight_bytes
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_fused_saves_only_x_and_row_statistics(autocast, seed):
     batch, steps, k, n = 4, 32, 128, 96
     x, g, w = inputs(batch, steps, k, n)
-    vanilla_bytes = run("vanilla", x, g, w, autocast=autocast)[4]
+    vanilla_bytes = run("naive", x, g, w, autocast=autocast)[4]
     fused_bytes = run("fused", x, g, w, autocast=autocast)[4]
     rows = batch * steps
     assert fused_bytes == x.numel() * x.element_size() + 2 * rows * 4
@@ -168,6 +183,7 @@ def test_registered_body_is_the_one_dispatched(seed):
 
 def test_module_names_and_impl_check():
     layer = BitLinear(8, 4, "vanilla")
+    assert layer.eps == 1e-8 and BitLinear(8, 4, "fused").eps == 1e-6 and BitLinear(8, 4, "ref-fused").eps == 1e-6
     assert {n: tuple(p.shape) for n, p in layer.named_parameters()} == {"weight": (4, 8), "norm.weight": (8,)}
     with pytest.raises(ValueError):
         BitLinear(8, 4, "triton")

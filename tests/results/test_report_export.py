@@ -107,3 +107,27 @@ def test_baseline_ignores_columns_fixed_by_the_baseline_column(tmp_path):
         arch = frame.loc[i, "arch"]
         want = speeds[arch, size] / speeds["transformer", size]
         assert frame.loc[i, "tokens_per_s vs transformer"] == f"{want:.2f}x"
+
+
+def test_baseline_compares_like_with_like_only(tmp_path):
+    """A row is compared only with the baseline row of the same arch, size, batch and seq: a
+    Transformer++ row is never compared with a MatMul-free vanilla row, nor a row with a baseline
+    of another sequence length or size."""
+    w = RunWriter.create(tmp_path / "r", "train-memory")
+    rows = [
+        dict(arch="mmfree", size="1.3b", bitlinear="vanilla", batch=1, seq=2048, peak_alloc_gib=20.0),
+        dict(arch="mmfree", size="1.3b", bitlinear="vanilla", batch=2, seq=2048, peak_alloc_gib=40.0),
+        dict(arch="mmfree", size="1.3b", bitlinear="fused", batch=1, seq=2048, peak_alloc_gib=10.0),
+        dict(arch="mmfree", size="1.3b", bitlinear="fused", batch=2, seq=2048, peak_alloc_gib=30.0),
+        dict(arch="mmfree", size="1.3b", bitlinear="fused", batch=1, seq=1024, peak_alloc_gib=5.0),
+        dict(arch="mmfree", size="370m", bitlinear="fused", batch=1, seq=2048, peak_alloc_gib=4.0),
+        dict(arch="transformer", size="1.3b", bitlinear="", batch=1, seq=2048, peak_alloc_gib=25.0),
+    ]
+    for row in rows:
+        w.append(dict(status="ok", **row))
+    w.finish()
+    frame = build_report([read_run(tmp_path / "r", raw=True)], parse_baseline("bitlinear=vanilla"))
+    assert list(frame["peak_alloc_gib vs vanilla"]) == ["+0.0%", "+0.0%", "-50.0%", "-25.0%", "", "", ""]
+    by_arch = build_report([read_run(tmp_path / "r", raw=True)], parse_baseline("arch=transformer"))
+    # against the Transformer++ row of the same size, batch and seq, whatever the BitLinear
+    assert list(by_arch["peak_alloc_gib vs transformer"]) == ["-20.0%", "", "-60.0%", "", "", "", "+0.0%"]

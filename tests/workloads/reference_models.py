@@ -11,8 +11,14 @@ def rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def bitlinear(x, weight, norm_weight):
-    xn = rms(x, norm_weight, 1e-8)
+# BitLinear's norm eps in the reference: its published model class (FusedBitLinear) runs its fused op
+# with that op's default 1e-6; the unfused class (ops/bitnet.py BitLinear) uses its RMSNorm's 1e-8.
+PUBLISHED_BITLINEAR_EPS = 1e-6
+UNFUSED_BITLINEAR_EPS = 1e-8
+
+
+def bitlinear(x, weight, norm_weight, eps=PUBLISHED_BITLINEAR_EPS):
+    xn = rms(x, norm_weight, eps)
     scale = 127 / xn.abs().amax(-1, keepdim=True).clamp(min=1e-5)
     xq = (xn * scale).round().clamp(-128, 127) / scale
     beta = weight.abs().mean().clamp(min=1e-5)
@@ -20,7 +26,7 @@ def bitlinear(x, weight, norm_weight):
     return xq @ wq.t()
 
 
-def mmfree_logits(sd, cfg, ids):
+def mmfree_logits(sd, cfg, ids, bitlinear_eps=PUBLISHED_BITLINEAR_EPS):
     x = sd["model.embeddings.weight"][ids]
     s = sd["model.lower_bounds"].softmax(0)
     bounds = s.cumsum(0) - s[0]
@@ -29,7 +35,7 @@ def mmfree_logits(sd, cfg, ids):
         p = f"model.layers.{n}."
 
         def bl(name, inp):
-            return bitlinear(inp, sd[p + name + ".weight"], sd[p + name + ".norm.weight"])
+            return bitlinear(inp, sd[p + name + ".weight"], sd[p + name + ".norm.weight"], bitlinear_eps)
 
         h = rms(x, sd[p + "attn_norm.weight"], eps)
         f = torch.sigmoid(bl("attn.f_proj", h))
@@ -46,7 +52,8 @@ def mmfree_logits(sd, cfg, ids):
         x = x + bl("attn.o_proj", o)
         a, b = bl("mlp.gate_proj", rms(x, sd[p + "mlp_norm.weight"], eps)).chunk(2, -1)
         x = x + bl("mlp.down_proj", F.silu(a) * b)
-    return bitlinear(rms(x, sd["model.norm.weight"], eps), sd["lm_head.weight"], sd["lm_head.norm.weight"])
+    head_in = rms(x, sd["model.norm.weight"], eps)
+    return bitlinear(head_in, sd["lm_head.weight"], sd["lm_head.norm.weight"], bitlinear_eps)
 
 
 def _rope(x, theta):

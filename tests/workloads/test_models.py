@@ -19,16 +19,37 @@ def randomized(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_matches_the_written_out_definition(arch, seed):
-    model = randomized(build_model(arch, "tiny", seed=seed % 1000))
+ORACLE_EPS = {"fused": reference_models.PUBLISHED_BITLINEAR_EPS, "ref-fused": reference_models.PUBLISHED_BITLINEAR_EPS,
+              "vanilla": reference_models.UNFUSED_BITLINEAR_EPS, "naive": reference_models.UNFUSED_BITLINEAR_EPS}
+
+
+@pytest.mark.parametrize("arch, impl", [("transformer", None)] + [("mmfree", i) for i in ORACLE_EPS])
+def test_forward_matches_the_written_out_definition(arch, impl, seed):
+    """Each BitLinear implementation with the eps of the reference class it mirrors: `fused` gives
+    the published model class's logits (FusedBitLinear, eps 1e-6), so a reference checkpoint loaded
+    into it computes what the reference computes."""
+    model = randomized(build_model(arch, "tiny", bitlinear=impl, seed=seed % 1000))
     ids = torch.randint(0, 256, (2, 24))
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    oracle = reference_models.mmfree_logits if arch == "mmfree" else reference_models.transformer_logits
+    if arch == "mmfree":
+        assert model.config.bitlinear_norm_eps == ORACLE_EPS[impl]
+        expected = reference_models.mmfree_logits(sd, model.config, ids, ORACLE_EPS[impl])
+    else:
+        expected = reference_models.transformer_logits(sd, model.config, ids)
     # Quantization amplifies rounding: a value on a rounding edge may land one int8 level apart
-    # (seen up to ~1e-2 on the MatMul-free model); a wrong formula is off by > 5e-2.
+    # (seen up to ~1e-2 on the MatMul-free model); a wrong formula (or eps) is off by > 2e-2.
     tol = 2e-2 if arch == "mmfree" else 1e-4
-    assert rel_rms(model(ids).logits, oracle(sd, model.config, ids)) < tol, f"seed={seed}"
+    assert rel_rms(model(ids).logits, expected) < tol, f"seed={seed}"
+
+
+def test_bitlinear_eps_comes_from_the_config():
+    cfg = get_config("tiny")
+    assert build_model("mmfree", cfg, device="meta").lm_head.eps == 1e-6  # fused: the published class's
+    assert build_model("mmfree", cfg.replace(bitlinear="vanilla"), device="meta").lm_head.eps == 1e-8
+    model = build_model("mmfree", cfg.replace(bitlinear_eps=1e-5), bitlinear="naive", device="meta")
+    assert model.config.bitlinear == "naive"
+    assert {m.eps for m in model.modules() if hasattr(m, "impl")} == {1e-5}
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"naive"}
 
 
 def test_mmfree_parameter_names_are_the_reference_checkpoints():
@@ -56,7 +77,9 @@ def test_transformer_parameter_names_are_hugging_face_llamas():
 
 
 def run_model(impl, state_dict, precision, ids, config="tiny", dtype=torch.float32):
-    """(logits without labels, loss with labels, every parameter's gradient) of the model."""
+    """(logits without labels, loss with labels, every parameter's gradient) of the model; every
+    implementation with the same BitLinear eps (1e-8), so that they compute the same function."""
+    config = (get_config(config) if isinstance(config, str) else config).replace(bitlinear_eps=1e-8)
     model = build_model("mmfree", config, bitlinear=impl, device=ids.device, dtype=dtype)
     model.load_state_dict(state_dict)
     with forward_context(precision, ids.device):
@@ -67,26 +90,29 @@ def run_model(impl, state_dict, precision, ids, config="tiny", dtype=torch.float
     return {"logits": logits, "loss": out.loss, **{n: p.grad for n, p in model.named_parameters()}}
 
 
-def test_fused_and_vanilla_models_agree_in_fp32(seed):
+@pytest.mark.parametrize("impl", ["vanilla", "ref-fused", "fused"])
+def test_every_implementation_agrees_with_naive_in_fp32(impl, seed):
     state = randomized(build_model("mmfree", "tiny", seed=seed % 1000)).state_dict()
     ids = torch.randint(0, 256, (2, 32))
-    fused, vanilla = (run_model(impl, state, "fp32", ids) for impl in ("fused", "vanilla"))
+    got, naive = (run_model(i, state, "fp32", ids) for i in (impl, "naive"))
     # The same function: equal to fp32 rounding, except where a rounding difference pushes an
     # activation across an int8 level (seen: ~2e-3 at most); a real mismatch is off by far more.
-    for name, expected in vanilla.items():
-        assert rel_rms(fused[name], expected) < 2e-2, f"{name} seed={seed}"
+    for name, expected in naive.items():
+        assert rel_rms(got[name], expected) < 2e-2, f"{impl} {name} seed={seed}"
 
 
-def test_fused_model_under_bf16_autocast_is_as_close_to_fp32_as_vanilla(seed):
-    """Under bf16 the two paths round at different points (the fused one keeps gates and statistics
-    in fp32), and quantization amplifies bf16 rounding to a few % on logits and gradients; so each is
-    measured against the fp32 model, and fused must be no further from it than vanilla."""
+@pytest.mark.parametrize("impl", ["vanilla", "ref-fused", "fused"])
+def test_every_implementation_under_bf16_autocast_is_as_close_to_fp32_as_naive(impl, seed):
+    """Under bf16 the paths round at different points (fused keeps gates and statistics in fp32,
+    vanilla quantises bf16 inputs in bf16 as the reference does), and quantization amplifies bf16
+    rounding to a few % on logits and gradients; so each is measured against the fp32 model, and
+    must be about as close to it as the naive model."""
     state = randomized(build_model("mmfree", "tiny", seed=seed % 1000)).state_dict()
     ids = torch.randint(0, 256, (2, 32))
-    exact = run_model("vanilla", state, "fp32", ids)
-    fused, vanilla = (run_model(impl, state, "bf16-autocast", ids) for impl in ("fused", "vanilla"))
-    assert fused["logits"].dtype == vanilla["logits"].dtype == torch.bfloat16
-    check_as_close_as_vanilla(fused, vanilla, exact, f"seed={seed}")
+    exact = run_model("naive", state, "fp32", ids)
+    got, naive = (run_model(i, state, "bf16-autocast", ids) for i in (impl, "naive"))
+    assert naive["logits"].dtype == torch.bfloat16 and got["logits"].dtype in (torch.bfloat16, torch.float32)
+    check_as_close_as_vanilla(got, naive, exact, f"{impl} seed={seed}")
 
 
 def check_as_close_as_vanilla(fused, vanilla, exact, context):
@@ -105,10 +131,10 @@ def check_as_close_as_vanilla(fused, vanilla, exact, context):
 def test_fused_model_saves_fewer_activation_bytes(seed):
     ids = torch.randint(0, 256, (4, 64))
     saved = {}
-    for impl in ("vanilla", "fused"):
+    for impl in ("naive", "fused"):
         model = build_model("mmfree", "tiny", bitlinear=impl)
         _, saved[impl] = saved_activation_bytes(lambda: model(ids, labels=ids).loss, model.parameters())
-    assert saved["fused"] < 0.6 * saved["vanilla"], saved
+    assert saved["fused"] < 0.6 * saved["naive"], saved
 
 
 def test_fused_model_keeps_only_the_lean_set_per_layer():
@@ -133,7 +159,7 @@ def test_fused_model_keeps_only_the_lean_set_per_layer():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
-def test_fused_model_on_gpu_is_as_close_to_fp64_as_vanilla_at_1_3b_width(precision):
+def test_every_implementation_on_gpu_is_as_close_to_fp64_as_naive_at_1_3b_width(precision):
     """Two 1.3B-shaped layers on the GPU (Triton kernels). At this width quantization amplifies even
     fp32 rounding (vanilla fp32 against vanilla with fp64 weights and activations: ~3e-2 on the
     logits, seen on CPU), so both paths are measured against the fp64 vanilla model."""
@@ -141,10 +167,10 @@ def test_fused_model_on_gpu_is_as_close_to_fp64_as_vanilla_at_1_3b_width(precisi
     config = get_config("1.3b").replace(num_layers=2)
     state = {k: v.cuda() for k, v in randomized(build_model("mmfree", config, seed=1)).state_dict().items()}
     ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
-    exact = run_model("vanilla", state, "fp32", ids, config, dtype=torch.float64)
-    fused = run_model("fused", state, precision, ids, config)
-    vanilla = run_model("vanilla", state, precision, ids, config)
-    check_as_close_as_vanilla(fused, vanilla, exact, precision)
+    exact = run_model("naive", state, "fp32", ids, config, dtype=torch.float64)
+    naive = run_model("naive", state, precision, ids, config)
+    for impl in ("vanilla", "ref-fused", "fused"):
+        check_as_close_as_vanilla(run_model(impl, state, precision, ids, config), naive, exact, f"{impl} {precision}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
