@@ -109,7 +109,7 @@ def cross_entropy_case(tokens, hidden, vocab, chunk_tokens, dtype, device="cuda"
 
 
 def bitlinear_case(tokens, in_features, out_features, dtype, device="cuda"):
-    """The fused BitLinear op (RMSNorm + int8 activations + ternary weights + matmul) vs the vanilla one."""
+    """The fused BitLinear op (RMSNorm + int8 activations + ternary weights + matmul) vs the naive (all plain PyTorch) one."""
     from mmprof.kernels.bitlinear import bitlinear
 
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
@@ -123,7 +123,7 @@ def bitlinear_case(tokens, in_features, out_features, dtype, device="cuda"):
         kernel="bitlinear",
         shape=f"N{tokens} K{in_features} N_out{out_features}",
         fast=lambda: bitlinear(x, norm_w, weight, "fused"),
-        eager=lambda: bitlinear(x, norm_w, weight, "vanilla"),
+        eager=lambda: bitlinear(x, norm_w, weight, "naive"),
         leaves=[x, norm_w, weight],
         # forward reads x, w, writes y; backward reads x, w, dy, writes dx, dw (stats are negligible)
         bytes_fwd=x_bytes + w_bytes + y_bytes,
