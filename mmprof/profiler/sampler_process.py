@@ -66,6 +66,7 @@ class ProcessSampler:
         self._stderr_path = Path(self._dir.name) / "stderr.txt"
         self._offset = 0
         self._stderr_lines = 0
+        self._stopped = False
 
     # ----- life -----
     def start(self, timeout_s: float = 10.0) -> None:
@@ -85,8 +86,9 @@ class ProcessSampler:
         deadline = time.monotonic() + timeout_s
         while not self._refresh():
             if self._proc.poll() is not None or time.monotonic() > deadline:
+                why = self._stderr_tail() or "no sample within the timeout"
                 self.stop()
-                raise SamplerDidNotStart(f"the sampling process did not start: {self._stderr_tail() or 'timeout'}")
+                raise SamplerDidNotStart(f"the sampling process did not start: {why}")
             time.sleep(0.01)
         if self._host is not None:
             self._host.start()
@@ -100,6 +102,8 @@ class ProcessSampler:
                 self._proc.kill()
                 self._proc.wait()
         self._refresh()
+        self._stopped = True
+        self._dir.cleanup()   # every record is in the traces now
         if self._host is not None:
             self._host.stop()
 
@@ -110,6 +114,8 @@ class ProcessSampler:
     # ----- reading -----
     def _refresh(self) -> int:
         """Append the records written since the last call to the traces; returns how many."""
+        if self._stopped:
+            return 0
         with self._lock:
             with open(self._path, "rb") as f:
                 f.seek(self._offset)

@@ -90,7 +90,10 @@ def configs(spec: DecodeSpec) -> list[Config]:
 
 
 def _timed_generation(dec, prompt, spec: DecodeSpec, prof: Profiler, label: str):
-    """Prefill, then new_tokens - 1 greedy steps, timed: (prefill_s, ttft_s, per-step latencies)."""
+    """Prefill, then new_tokens - 1 greedy steps, timed: (prefill_s, ttft_s, per-step latencies).
+
+    Prefill and TTFT are what a caller waits for (host clock around synchronised calls, launch work
+    included); the steps are timed on the device by the profiler's Timer."""
     synchronize(spec.device)
     prof.mark(f"prefill {label}")
     t0 = time.perf_counter()
