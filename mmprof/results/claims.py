@@ -188,16 +188,22 @@ def train_ratio(frames, missing, *, a, b, column, size, scale=1.0) -> Measured:
                     f"batch {int(batch)}: {b} {rb[column]:.4g} / {a} {ra[column]:.4g} {column}{_est(ra, rb)}")
 
 
-def train_value(frames, missing, *, impl, column, size, scale=1.0) -> Measured:
-    """The value at the largest batch this implementation ran at `size` with `column` filled."""
+def train_value(frames, missing, *, impl, column, size, scale=1.0, at_batch_of=()) -> Measured:
+    """The value at the largest batch where this implementation and every one of `at_batch_of` have
+    `column` (so figures of several implementations compare at one batch); else at its own largest."""
     df = _train_rows(frames, size)
     if df.empty or not (df["impl"] == impl).any():
         return Measured(None, _why_none(impl, missing, "training", size))
-    g = df[(df["impl"] == impl) & df[column].notna()].sort_values("batch")
+    filled = df[df[column].notna()]
+    g = filled[filled["impl"] == impl].sort_values("batch")
     if g.empty:
         return Measured(None, missing.get("time", f"{impl} rows have no {column}"))
-    r = g.iloc[-1]
-    return Measured(r[column] * scale, f"batch {int(r['batch'])}, seq {int(r['seq'])}{_est(r)}")
+    batches = set(g["batch"])
+    for other in at_batch_of:
+        batches &= set(filled.loc[filled["impl"] == other, "batch"])
+    r = g[g["batch"] == max(batches)].iloc[-1] if batches else g.iloc[-1]
+    own = "" if batches or not at_batch_of else f" (no batch shared with {', '.join(at_batch_of)})"
+    return Measured(r[column] * scale, f"batch {int(r['batch'])}, seq {int(r['seq'])}{own}{_est(r)}")
 
 
 def _decode_row(frames, missing, arch, size, column):

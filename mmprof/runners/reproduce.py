@@ -257,7 +257,8 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
                     status, note = "not run", f"batch {stopped} ran out of memory"
                 else:
                     status, note = "not run", "not reached (the run was stopped before it)"
-                rows.append({"panel": panel, "configuration": name, "status": status, "note": note})
+                rows.append({"panel": panel, "configuration": name, "status": status,
+                             "note": "" if status == "ok" else note})   # an ok row's notes are in its CSV
     return pd.DataFrame(rows, columns=["panel", "configuration", "status", "note"]), missing
 
 
