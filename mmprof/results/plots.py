@@ -98,6 +98,8 @@ def plot_decode_vs_size(run: Run, out: Path) -> Path:
     ax_mem.set(ylabel="GiB peak allocated", title="decode memory")
     for ax in (ax_lat, ax_mem):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_xlabel("model size")
         ax.grid(alpha=0.3)
@@ -106,25 +108,31 @@ def plot_decode_vs_size(run: Run, out: Path) -> Path:
 
 
 def plot_decode_window(run: Run, out: Path, prefer: str = "") -> Path:
-    """Power over time of one decode window (the first whose label holds `prefer`, else the first)."""
-    traces = sorted(run.path.glob("power_trace*.csv"))
-    phase_files = sorted(run.path.glob("phases*.csv"))
-    if not traces or not phase_files:
-        raise UserError(f"run {run.path} has no power trace and phases to plot")
-    trace = pd.concat([pd.read_csv(t) for t in traces], ignore_index=True)
-    phases = pd.concat([pd.read_csv(f) for f in phase_files], ignore_index=True)
-    decode = phases[phases["label"].astype(str).str.startswith("decode")]
-    if decode.empty or trace["power_w"].isna().all():
-        raise UserError(f"run {run.path} has no decode window with power samples")
-    chosen = decode[decode["label"].astype(str).str.contains(prefer, regex=False)] if prefer else decode
-    p = (chosen if len(chosen) else decode).iloc[0]
+    """Power over time of one decode window: the first whose label holds `prefer`, else the first.
+
+    Each power_trace*.csv has its own clock and its phases*.csv beside it: a window is read from its pair."""
+    pairs = []
+    for t in sorted(run.path.glob("power_trace*.csv")):
+        phases = t.with_name(t.name.replace("power_trace", "phases"))
+        if phases.exists():
+            ph = pd.read_csv(phases)
+            ph = ph[ph["label"].astype(str).str.startswith("decode")]
+            pairs += [(t, p) for _, p in ph.iterrows()]
+    if not pairs:
+        raise UserError(f"run {run.path} has no power trace with a decode window to plot")
+    chosen = [pp for pp in pairs if prefer in str(pp[1]["label"])] or pairs
+    path, p = chosen[0]
+    trace = pd.read_csv(path)
     pad = 0.25 * (p["t_end_s"] - p["t_start_s"]) + 0.2
     near = trace[(trace["t_s"] >= p["t_start_s"] - pad) & (trace["t_s"] <= p["t_end_s"] + pad)]
+    if near.empty or near["power_w"].isna().all():
+        raise UserError(f"run {run.path} has no power samples in the decode window {p['label']!r}")
     fig, ax = plt.subplots(figsize=(11, 3.8))
     for gpu, g in near.groupby("gpu"):
         ax.plot(g["t_s"], g["power_w"], linewidth=0.9, marker=".", markersize=2, label=f"GPU {gpu}")
     ax.axvspan(p["t_start_s"], p["t_end_s"], color=PHASE_COLOURS["decode"], alpha=0.15, label=str(p["label"]))
-    ax.set(xlabel="time since start, s", ylabel="W", title=f"GPU power over one decode window ({run.meta.get('gpu', '')})")
+    ax.set(xlabel=f"time since start of {path.name}, s", ylabel="W",
+           title=f"GPU power over one decode window ({run.meta.get('gpu', '')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out)

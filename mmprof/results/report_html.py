@@ -14,6 +14,7 @@ from mmprof.results import plots
 from mmprof.results.claims import claim_table
 from mmprof.results.render import to_markdown
 from mmprof.results.store import Run, write_text_atomic
+from mmprof.results.summaries import decode_summary, train_memory_summary
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -88,6 +89,20 @@ def _title(source: dict) -> str:
             f"{source.get('year', '')}, arXiv {source.get('arxiv', '')})")
 
 
+def panels(r: ReportInput) -> list[tuple[str, pd.DataFrame]]:
+    """The measured panels as the train-memory and decode-power summaries show them."""
+    out = []
+    if r.train is not None and len(r.train.df):
+        df = r.train.df[r.train.df["status"].isin(["ok", "oom"])]
+        if len(df):
+            out.append(("Training panel (peak allocated GiB per batch; changes relative)", train_memory_summary(df)))
+    if r.decode is not None and len(r.decode.df):
+        summary = decode_summary(r.decode.df)
+        if len(summary):
+            out.append(("Inference panel", summary))
+    return out
+
+
 def _csvs(r: ReportInput) -> list[str]:
     return sorted(str(p.relative_to(r.folder)) for p in r.folder.rglob("*.csv"))
 
@@ -100,6 +115,8 @@ def _markdown(r: ReportInput, figs: list[Figure]) -> str:
     out += ["## Claims", "", to_markdown(claim_table(r.claims)), "",
             "Verdict rule: each claim's rule and tolerance are in mmprof/results/claims.toml "
             "(within / at least / at most the paper's figure, the tolerance stated in the reason).", ""]
+    for title, frame in panels(r):
+        out += [f"## {title}", "", to_markdown(frame.astype(str)), ""]
     out += ["## Settings (as the paper states them, and as run here)", "", to_markdown(_settings_frame(r.settings)), ""]
     out += ["## Figures", ""]
     for f in figs:
@@ -145,6 +162,7 @@ def _html(r: ReportInput, figs: list[Figure]) -> str:
         parts.append("<h2>Notes</h2>" + "".join(f"<p class='note'>{e(n)}</p>" for n in r.notes))
     parts += ["<h2>Claims</h2>", _table(claim_table(r.claims)),
               "<p>Each claim's rule and tolerance are in mmprof/results/claims.toml; the reason states the bound.</p>",
+              *[f"<h2>{e(title)}</h2>" + _table(frame.astype(str)) for title, frame in panels(r)],
               "<h2>Settings (as the paper states them, and as run here)</h2>", _table(_settings_frame(r.settings)),
               "<h2>Figures</h2>"]
     for f in figs:

@@ -56,13 +56,15 @@ def synthetic_folder(folder):
         for cfg in dp.configs(s):
             big = cfg.arch == "transformer"
             w.append({**cfg.spec_row(s), "status": "ok", "peak_alloc_gib": (45.0 if big else 3.5) / (4 if cfg.size == "1.3b" else 1),
-                      "latency_p50_ms": 8.5 if big else 1.5, "weights_gib": 1.0 if cfg.size == "1.3b" else 10.0,
+                      "latency_p50_ms": 8.5 if big else 1.5, "tokens_per_s": 117.0 if big else 669.0, "weights_gib": 1.0 if cfg.size == "1.3b" else 10.0,
                       "j_per_token": 4.0 if big else 0.8})
     t = [i * 0.01 for i in range(400)]
-    pd.DataFrame({"t_s": t, "gpu": 0, "power_w": [120 + (200 if 1 < x < 3 else 0) for x in t]}).to_csv(
-        folder / rp.DECODE_DIR / "power_trace.csv", index=False)
-    pd.DataFrame({"label": ["idle", "decode mmfree 13b packed #0"], "t_start_s": [0.0, 1.0],
-                  "t_end_s": [0.9, 3.0]}).to_csv(folder / rp.DECODE_DIR / "phases.csv", index=False)
+    # two step groups, two profilers: each trace has its own clock and its phases beside it
+    for n, (name, label) in enumerate((("", "decode mmfree 13b packed #0"), ("-2", "decode transformer 13b bf16 #0"))):
+        pd.DataFrame({"t_s": t, "gpu": 0, "power_w": [120 + (200 if 1 + n < x < 3 else 0) for x in t]}).to_csv(
+            folder / rp.DECODE_DIR / f"power_trace{name}.csv", index=False)
+        pd.DataFrame({"label": ["idle", label], "t_start_s": [0.0, 1.0 + n],
+                      "t_end_s": [0.9, 3.0]}).to_csv(folder / rp.DECODE_DIR / f"phases{name}.csv", index=False)
     meta = {"command": "reproduce", "gpu": "GPU X", "driver": "1", "git_commit": "abcdef1234", "argv": ["mmprof"]}
     return spec, trains, decodes, meta
 
