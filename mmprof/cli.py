@@ -307,7 +307,7 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
 @click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
               help="paper: the paper's settings; tiny: small shapes for tests and demos")
 @click.option("--out", default=None, help="folder to create (default results/runs/<UTC>-reproduce)")
-@click.option("--resume", default=None, help="continue this reproduce folder where it stopped")
+@click.option("--resume", default=None, help="continue this reproduce folder where it stopped (with its settings)")
 def reproduce(quick, device, gpus, preset, out, resume) -> None:
     """The paper's efficiency claims checked on this GPU: runs, claim table, report.md and report.html."""
     from mmprof.results import default_run_dir, render
@@ -324,6 +324,7 @@ def reproduce(quick, device, gpus, preset, out, resume) -> None:
         if (folder / rp.META).exists():
             raise UserError(f"folder {folder} already holds a reproduce run; use --resume {folder}")
         spec = rp.ReproduceSpec(device=resolve_device(device, gpus), quick=quick, preset=preset)
+        rp.check(spec)
 
     def open_writer(command, path, exists):
         return _open_writer(command, None if exists else str(path), str(path) if exists else None, spec.device)

@@ -143,6 +143,14 @@ def decode_specs(spec: ReproduceSpec) -> list[tuple[DecodeStep, dp.DecodeSpec | 
     return out
 
 
+def check(spec: ReproduceSpec) -> None:
+    if spec.preset not in PRESETS:
+        raise UserError(f"unknown preset {spec.preset!r}; choose from {', '.join(PRESETS)}")
+    if spec.device == "cpu" and spec.preset == "paper":
+        raise UserError("--device cpu: the paper's sizes (1.3b training, 13b decoding) are not run on the CPU; "
+                        "use a GPU, --device meta for the memory estimate, or --preset tiny")
+
+
 # ---- the run ----
 
 OpenWriter = Callable[[str, Path, bool], object]   # (command, run folder, resume?) -> RunWriter
@@ -153,6 +161,7 @@ def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: lis
     """Run every step not yet done into `folder`, then judge the claims and write the report.
 
     `bar` is a Rich Progress (or None); it advances once per configuration measured."""
+    check(spec)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = _start_meta(folder, spec, argv)

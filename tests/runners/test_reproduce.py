@@ -164,3 +164,9 @@ def test_killed_run_resumes_without_redoing_rows(tmp_path, monkeypatch):
 
 def test_resume_of_a_folder_that_is_not_a_reproduce_run(tmp_path):
     assert_one_line_exit_2(invoke("reproduce", "--resume", str(tmp_path)), "not a reproduce folder")
+
+
+def test_paper_sizes_are_not_run_on_the_cpu(tmp_path):
+    out = tmp_path / "never"
+    assert_one_line_exit_2(invoke("reproduce", "--device", "cpu", "--out", str(out)), "--device cpu")
+    assert not out.exists()
