@@ -82,11 +82,11 @@ def verdict(rule: str, paper: float | None, measured: float | None, tolerance: f
     elif rule == "at_least":
         bound_v = paper * (1 - tolerance)
         ok = measured >= bound_v
-        bound = f"at least {_num(bound_v)} (the paper's figure less {tol})"
+        bound = f"at least {_num(bound_v)} (the paper's figure{f' less {tol}' if tolerance else ''})"
     elif rule == "at_most":
         bound_v = paper * (1 + tolerance)
         ok = measured <= bound_v
-        bound = f"at most {_num(bound_v)} (the paper's figure plus {tol})"
+        bound = f"at most {_num(bound_v)} (the paper's figure{f' plus {tol}' if tolerance else ''})"
     else:
         raise ValueError(f"unknown rule {rule!r}")
     return (REPRODUCED if ok else NOT_REPRODUCED), f"{_num(measured)} {'meets' if ok else 'misses'} {bound}"
