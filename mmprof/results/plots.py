@@ -44,6 +44,7 @@ def plot_train_memory(run: Run, out: Path) -> Path:
     for ax in (ax_mem, ax_time):
         ax.set_xticks(sorted(df["batch"].unique()))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
