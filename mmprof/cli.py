@@ -353,3 +353,39 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
                           ("decode-power", fmt, decode_summary, PAPER_DECODE), dp.SWEPT)
     writer = _open_writer("decode-power", out, resume, spec.device, spec, dp.SWEPT)
     _sweep(writer, dp, spec, "decode-power", fmt, decode_summary, PAPER_DECODE)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="a subset (1.3b batches 1,4,8; decode 1.3b and 13b): under 10 minutes on an H200")
+@click.option("--device", default="auto", show_default=True,
+              help="auto | cuda | cpu | meta (meta, or auto with no GPU: the memory panel from the estimate)")
+@click.option("--gpus", default=None, help="GPU index (default 0)")
+@click.option("--preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
+              help="paper: the paper's settings; tiny: small shapes for tests and demos")
+@click.option("--out", default=None, help="folder to create (default results/runs/<UTC>-reproduce)")
+@click.option("--resume", default=None, help="continue this reproduce folder where it stopped (with its settings)")
+def reproduce(quick, device, gpus, preset, out, resume) -> None:
+    """The paper's efficiency claims checked on this GPU: runs, claim table, report.md and report.html."""
+    from mmprof.results import default_run_dir, render
+    from mmprof.results.claims import claim_table
+    from mmprof.runners import reproduce as rp
+    from mmprof.runners.sweep import resolve_device
+
+    if out and resume:
+        raise UserError("give --out or --resume, not both")
+    if resume:
+        spec, folder = rp.resumed_spec(Path(resume)), Path(resume)
+    else:
+        folder = Path(out) if out else default_run_dir("reproduce")
+        if (folder / rp.META).exists():
+            raise UserError(f"folder {folder} already holds a reproduce run; use --resume {folder}")
+        spec = rp.ReproduceSpec(device=resolve_device(device, gpus), quick=quick, preset=preset)
+        rp.check(spec)
+
+    def open_writer(command, path, exists):
+        return _open_writer(command, None if exists else str(path), str(path) if exists else None, spec.device)
+
+    with _progress() as bar:
+        rows, folder = rp.run(spec, folder, open_writer, argv=sys.argv, bar=bar)
+    click.echo(render(claim_table(rows), "table", title=f"paper claims, {rows['measured on'].iloc[0]}"), nl=False)
+    click.echo(f"report: {folder / 'report.html'} (and report.md)", err=True)

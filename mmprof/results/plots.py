@@ -45,6 +45,7 @@ def plot_train_memory(run: Run, out: Path) -> Path:
     for ax in (ax_mem, ax_time):
         ax.set_xticks(sorted(df["batch"].unique()))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -76,6 +77,64 @@ def plot_power(run: Run, out: Path) -> Path:
                        label=kind if kind not in seen else None)
             seen.add(kind)
     ax.set(xlabel="time since start, s", ylabel="W", title=f"GPU power, {run.run_id} ({run.meta.get('gpu', '')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_decode_vs_size(run: Run, out: Path) -> Path:
+    """Per-token latency and peak memory against model size, one line per model (decode-power rows)."""
+    jobs = job_rows(run.df)
+    df = jobs[jobs["status"] == "ok"]
+    if df.empty:
+        raise UserError(f"run {run.path} has no ok rows to plot")
+    sizes = list(dict.fromkeys(df.sort_values("weights_gib")["size"].astype(str))) if "weights_gib" in df \
+        else list(dict.fromkeys(df["size"].astype(str)))
+    fig, (ax_lat, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (arch, weights), g in df.groupby(["arch", "weights"]):
+        g = g.assign(pos=[sizes.index(str(s)) for s in g["size"]]).sort_values("pos")
+        ax_lat.plot(g["pos"], g["latency_p50_ms"], marker="o", label=f"{arch} ({weights})")
+        ax_mem.plot(g["pos"], g["peak_alloc_gib"], marker="o", label=f"{arch} ({weights})")
+    gpu = run.meta.get("gpu") or df["device"].iloc[0]
+    ax_lat.set(ylabel="ms / token (median)", title=f"decode latency, batch {int(df['batch'].iloc[0])}, {gpu}")
+    ax_mem.set(ylabel="GiB peak allocated", title="decode memory")
+    for ax in (ax_lat, ax_mem):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_xlabel("model size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_decode_window(run: Run, out: Path, prefer: str = "") -> Path:
+    """Power over time of one decode window: the first whose label holds `prefer`, else the first.
+
+    Each power_trace*.csv has its own clock and its phases*.csv beside it: a window is read from its pair."""
+    pairs = []
+    for t in sorted(run.path.glob("power_trace*.csv")):
+        phases = t.with_name(t.name.replace("power_trace", "phases"))
+        if phases.exists():
+            ph = pd.read_csv(phases)
+            ph = ph[ph["label"].astype(str).str.startswith("decode")]
+            pairs += [(t, p) for _, p in ph.iterrows()]
+    if not pairs:
+        raise UserError(f"run {run.path} has no power trace with a decode window to plot")
+    chosen = [pp for pp in pairs if prefer in str(pp[1]["label"])] or pairs
+    path, p = chosen[0]
+    trace = pd.read_csv(path)
+    pad = 0.25 * (p["t_end_s"] - p["t_start_s"]) + 0.2
+    near = trace[(trace["t_s"] >= p["t_start_s"] - pad) & (trace["t_s"] <= p["t_end_s"] + pad)]
+    if near.empty or near["power_w"].isna().all():
+        raise UserError(f"run {run.path} has no power samples in the decode window {p['label']!r}")
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    for gpu, g in near.groupby("gpu"):
+        ax.plot(g["t_s"], g["power_w"], linewidth=0.9, marker=".", markersize=2, label=f"GPU {gpu}")
+    ax.axvspan(p["t_start_s"], p["t_end_s"], color=PHASE_COLOURS["decode"], alpha=0.15, label=str(p["label"]))
+    ax.set(xlabel=f"time since start of {path.name}, s", ylabel="W",
+           title=f"GPU power over one decode window ({run.meta.get('gpu', '')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out)

@@ -1,0 +1,325 @@
+"""`reproduce`: the paper's efficiency experiments, run at its stated settings, then judged claim by claim.
+
+The experiments are data (TRAIN_STEPS, DECODE_STEPS): each step is one call of the train-memory or
+decode-power runner into a run folder of its own inside the reproduce folder, so a killed run resumes
+like any sweep (rows already written are not measured again). Without a GPU the training memory panel
+comes from the fake-tensor estimate and decoding is not run (latency and energy need a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from mmprof.errors import UserError
+from mmprof.results import done_keys, read_run, row_key
+from mmprof.results.claims import claim_rows, load_claims
+from mmprof.results.report_html import ReportInput, write_report
+from mmprof.results.store import utc_now, write_text_atomic
+from mmprof.runners import decode_power as dp
+from mmprof.runners import train_memory as tm
+
+META = "meta.json"
+CLAIMS_CSV = "claims.csv"
+STEPS_CSV = "steps.csv"
+TRAIN_DIR = "train-memory"
+DECODE_DIR = "decode-power"
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    arch: str
+    bitlinear: str                 # "" for the transformer
+    batches: tuple[int, ...]       # the full run
+    quick_batches: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}-{self.bitlinear}" if self.bitlinear else self.arch
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    arch: str
+    weights: str                   # packed (MatMul-free) | bf16 (Transformer++)
+    sizes: tuple[str, ...]
+    quick_sizes: tuple[str, ...]
+
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+SIZES = ("370m", "1.3b", "2.7b", "13b")
+# The training panel: 1.3B, fused vs vanilla BitLinear (the paper's), the reference's own fused kernel
+# (ref-fused: run where this build's BitLinear implementations include it) and Transformer++ for energy.
+TRAIN_STEPS = (
+    TrainStep("mmfree", "fused", BATCHES, (1, 4, 8)),
+    TrainStep("mmfree", "vanilla", BATCHES, (1, 4, 8)),
+    TrainStep("mmfree", "ref-fused", BATCHES, (8,)),
+    TrainStep("transformer", "", BATCHES, (8,)),
+)
+# The inference panel: MatMul-free (packed ternary) vs Transformer++ (bf16) at the paper's four sizes.
+DECODE_STEPS = (
+    DecodeStep("mmfree", "packed", SIZES, ("1.3b", "13b")),
+    DecodeStep("transformer", "bf16", SIZES, ("1.3b", "13b")),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The settings a run uses: `paper` (the paper's, cited in claims.toml) or `tiny` (tests and demos)."""
+    train_size: str
+    seq: int
+    prompt_len: int
+    new_tokens: int
+    decode_sizes: tuple[str, ...] | None   # None: each step's own sizes
+    batches: tuple[int, ...] | None        # None: each step's own batches
+    repeats: int
+    quick_repeats: int
+    min_window_s: float
+    idle_s: float
+
+
+PRESETS = {
+    # seq 2048 in both panels; decoding reaches 2048 tokens: a 32-token prompt and 2016 new tokens
+    "paper": Preset("1.3b", 2048, 32, 2016, None, None, repeats=3, quick_repeats=1, min_window_s=2.0, idle_s=2.0),
+    "tiny": Preset("tiny", 64, 8, 24, ("tiny",), (1, 2), repeats=1, quick_repeats=1, min_window_s=0.0, idle_s=0.0),
+}
+
+
+@dataclass(frozen=True)
+class ReproduceSpec:
+    device: str                    # resolved: cuda:N | cpu | meta (meta: estimate the memory panel only)
+    quick: bool = False
+    preset: str = "paper"
+    train_steps: tuple[TrainStep, ...] = TRAIN_STEPS
+    decode_steps: tuple[DecodeStep, ...] = DECODE_STEPS
+
+    @property
+    def settings(self) -> Preset:
+        return PRESETS[self.preset]
+
+    @property
+    def mode(self) -> str:
+        return ("quick" if self.quick else "full") + ("" if self.preset == "paper" else f", {self.preset} preset")
+
+
+def available_bitlinears() -> tuple[str, ...]:
+    from mmprof.kernels.bitlinear import IMPLS
+
+    return tuple(IMPLS)
+
+
+def train_specs(spec: ReproduceSpec, gpu_name: str | None = None) -> list[tuple[TrainStep, tm.TrainMemorySpec | None, str]]:
+    """(step, runner spec or None, why not run) for every training step."""
+    p, impls, out = spec.settings, available_bitlinears(), []
+    for step in spec.train_steps:
+        if step.bitlinear and step.bitlinear not in impls:
+            out.append((step, None, f"--bitlinear {step.bitlinear} is not in this build (it has {', '.join(impls)})"))
+            continue
+        batches = p.batches or (step.quick_batches if spec.quick else step.batches)
+        out.append((step, tm.TrainMemorySpec(
+            size=p.train_size, archs=(step.arch,), bitlinears=(step.bitlinear or "fused",), batches=tuple(batches),
+            seq=p.seq, device=spec.device, idle_s=p.idle_s, gpu_name=gpu_name,
+            **({"steps": 2, "warmup": 1, "min_window_s": 0.0} if spec.preset == "tiny" else {})), ""))
+    return out
+
+
+def decode_specs(spec: ReproduceSpec) -> list[tuple[DecodeStep, dp.DecodeSpec | None, str]]:
+    p, out = spec.settings, []
+    for step in spec.decode_steps:
+        if spec.device == "meta":
+            out.append((step, None, "decoding is measured, never estimated: latency, inference memory and energy "
+                                    "need a GPU"))
+            continue
+        sizes = p.decode_sizes or (step.quick_sizes if spec.quick else step.sizes)
+        out.append((step, dp.DecodeSpec(
+            sizes=tuple(sizes), archs=(step.arch,), weights="packed" if step.arch == "mmfree" else step.weights,
+            batch=1, prompt_len=p.prompt_len, new_tokens=p.new_tokens,
+            repeats=p.quick_repeats if spec.quick else p.repeats, device=spec.device,
+            min_window_s=p.min_window_s, idle_s=p.idle_s), ""))
+    return out
+
+
+def check(spec: ReproduceSpec) -> None:
+    if spec.preset not in PRESETS:
+        raise UserError(f"unknown preset {spec.preset!r}; choose from {', '.join(PRESETS)}")
+    if spec.device == "cpu" and spec.preset == "paper":
+        raise UserError("--device cpu: the paper's sizes (1.3b training, 13b decoding) are not run on the CPU; "
+                        "use a GPU, --device meta for the memory estimate, or --preset tiny")
+
+
+# ---- the run ----
+
+OpenWriter = Callable[[str, Path, bool], object]   # (command, run folder, resume?) -> RunWriter
+
+
+def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: list[str] | None = None,
+        bar=None) -> tuple[pd.DataFrame, Path]:
+    """Run every step not yet done into `folder`, then judge the claims and write the report.
+
+    `bar` is a Rich Progress (or None); it advances once per configuration measured."""
+    check(spec)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = _start_meta(folder, spec, argv)
+    train_w = open_writer("train-memory", folder / TRAIN_DIR, (folder / TRAIN_DIR / "measurements.csv").exists())
+    gpu = train_w.meta.get("gpu")
+    meta.update({k: train_w.meta.get(k) for k in ("gpu", "driver", "git_commit", "mmprof_version", "host", "system")})
+    _write_meta(folder, meta)
+    trains, decodes = train_specs(spec, gpu), decode_specs(spec)
+    decode_w = None
+    if any(s is not None for _, s, _ in decodes):
+        decode_w = open_writer("decode-power", folder / DECODE_DIR, (folder / DECODE_DIR / "measurements.csv").exists())
+    jobs = [(tm, train_w, s) for _, s, _ in trains if s is not None]
+    jobs += [(dp, decode_w, s) for _, s, _ in decodes if s is not None]
+    todo = [(runner, w, s, _skip(runner, w)) for runner, w, s in jobs]
+    total = sum(sum(1 for c in runner.configs(s) if _cfg_key(runner, c, s) not in skip) for runner, _, s, skip in todo)
+    task = bar.add_task("reproduce", total=total) if bar is not None else None
+    for runner, writer, s, skip in todo:
+        def emit(row, writer=writer):
+            writer.append(row)
+            if bar is not None:
+                bar.advance(task)
+
+        on_start = (lambda cfg: bar.update(task, description=f"reproduce {cfg.label}")) if bar is not None else None
+        runner.run(s, emit, skip=skip, key=lambda r, runner=runner: row_key(r, runner.KEY_COLUMNS),
+                   trace_path=writer.trace_path("power_trace.csv"), on_start=on_start)
+    for w in (train_w, decode_w):
+        if w is not None:
+            w.finish()
+    meta["end_utc"] = utc_now()
+    _write_meta(folder, meta)
+    return judge(folder, spec, meta, trains, decodes)
+
+
+def judge(folder: Path, spec: ReproduceSpec, meta: dict, trains, decodes) -> tuple[pd.DataFrame, Path]:
+    """Claims, steps and report from what the folder's run folders hold."""
+    train_run = read_run(folder / TRAIN_DIR) if (folder / TRAIN_DIR / "measurements.csv").exists() else None
+    decode_run = read_run(folder / DECODE_DIR) if (folder / DECODE_DIR / "measurements.csv").exists() else None
+    steps, missing = step_table(spec, trains, decodes, train_run, decode_run)
+    source, settings, claims = load_claims()
+    rows = claim_rows(claims, train_run.df if train_run else None, decode_run.df if decode_run else None,
+                      measured_on=measured_on(meta), missing=missing)
+    write_text_atomic(folder / CLAIMS_CSV, rows.to_csv(index=False))
+    write_text_atomic(folder / STEPS_CSV, steps.to_csv(index=False))
+    write_report(ReportInput(folder=folder, source=source, settings=settings, claims=rows, steps=steps, meta=meta,
+                             train=train_run, decode=decode_run, notes=notes(spec)))
+    return rows, folder
+
+
+def notes(spec: ReproduceSpec) -> list[str]:
+    out = []
+    if spec.device == "meta":
+        out.append("No GPU was visible: the training memory panel is the estimate made on fake tensors "
+                   "(train-memory --device meta). Step time, latency, inference memory and energy need a GPU "
+                   "and are not measured here.")
+    elif not spec.device.startswith("cuda"):
+        out.append(f"Measured on {spec.device}, not a GPU: no power or energy, and times are not the paper's kind.")
+    if spec.quick:
+        out.append("--quick: a subset of the batches and sizes (and one decode repeat), not the full panels.")
+    if spec.preset != "paper":
+        out.append(f"The {spec.preset} preset: small shapes for tests and demos, not the paper's settings; "
+                   "the claims at 1.3B and 13B are not measured by it.")
+    return out
+
+
+def measured_on(meta: dict) -> str:
+    commit = (meta.get("git_commit") or "unknown commit")[:10]
+    if not meta.get("gpu"):
+        return f"no GPU ({meta.get('device', '')}), commit {commit}"
+    return f"{meta['gpu']}, driver {meta.get('driver') or '?'}, commit {commit}"
+
+
+def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per planned configuration (ok | oom | error | not run, with why), and why each
+    configuration label that has no ok row has none (for the claims' reasons)."""
+    rows, missing = [], {}
+    if spec.device == "meta":
+        missing["time"] = "step time and energy need a GPU (this run estimated memory on fake tensors)"
+        missing["decode"] = "latency, inference memory and energy need a GPU (none was visible)"
+    for panel, runner, items, run_ in (("training", tm, trains, train_run), ("inference", dp, decodes, decode_run)):
+        df = run_.df if run_ is not None else pd.DataFrame()
+        for step, s, why in items:
+            label = step.label if panel == "training" else step.arch
+            if s is None:
+                rows.append({"panel": panel, "configuration": label, "status": "not run", "note": why})
+                missing.setdefault(label, why)
+                continue
+            stopped = None
+            for cfg in runner.configs(s):
+                key = _cfg_key(runner, cfg, s)
+                match = df[[row_key(r, runner.KEY_COLUMNS) == key for r in df.to_dict("records")]] if len(df) else df
+                name = cfg.label
+                if len(match):
+                    r = match.iloc[-1]
+                    status, note = str(r["status"]), r.get("note")
+                    note = "" if not isinstance(note, str) else note
+                    if status == "oom" and panel == "training":
+                        stopped = stopped or cfg.batch
+                    if status != "ok":
+                        missing.setdefault(f"{cfg.arch} {cfg.size}" if panel == "inference" else label,
+                                           f"{name}: {status} ({note})" if note else f"{name}: {status}")
+                elif stopped is not None:
+                    status, note = "not run", f"batch {stopped} ran out of memory"
+                else:
+                    status, note = "not run", "not reached (the run was stopped before it)"
+                rows.append({"panel": panel, "configuration": name, "status": status,
+                             "note": "" if status == "ok" else note})   # an ok row's notes are in its CSV
+    return pd.DataFrame(rows, columns=["panel", "configuration", "status", "note"]), missing
+
+
+def _skip(runner, writer) -> set:
+    return done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
+
+
+def _cfg_key(runner, cfg, s) -> tuple:
+    return row_key(cfg.spec_row(s), runner.KEY_COLUMNS)
+
+
+# ---- the folder's own meta.json ----
+
+def _start_meta(folder: Path, spec: ReproduceSpec, argv) -> dict:
+    path = folder / META
+    if path.exists():
+        meta = load_meta(folder)
+        meta.setdefault("resumed_utc", []).append(utc_now())
+        meta["end_utc"] = None
+        return meta
+    return {"command": "reproduce", "argv": list(argv or []), "mode": spec.mode, "quick": spec.quick,
+            "preset": spec.preset, "device": spec.device, "start_utc": utc_now(), "end_utc": None,
+            "train_steps": [asdict(s) for s in spec.train_steps], "decode_steps": [asdict(s) for s in spec.decode_steps]}
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    write_text_atomic(folder / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def load_meta(folder: Path) -> dict:
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"not a reproduce folder (no {META}): {folder}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"malformed {path}: {e.msg} at line {e.lineno}") from None
+    if meta.get("command") != "reproduce":
+        raise UserError(f"{folder} was written by {meta.get('command')!r}, not 'reproduce'")
+    return meta
+
+
+def resumed_spec(folder: Path) -> ReproduceSpec:
+    """The spec a reproduce folder was started with (its steps as they were then)."""
+    meta = load_meta(folder)
+    return ReproduceSpec(device=meta["device"], quick=bool(meta.get("quick")), preset=meta.get("preset", "paper"),
+                         train_steps=tuple(TrainStep(**{**s, "batches": tuple(s["batches"]),
+                                                        "quick_batches": tuple(s["quick_batches"])})
+                                           for s in meta["train_steps"]),
+                         decode_steps=tuple(DecodeStep(**{**s, "sizes": tuple(s["sizes"]),
+                                                          "quick_sizes": tuple(s["quick_sizes"])})
+                                            for s in meta["decode_steps"]))
+
+
+__all__ = ["DECODE_STEPS", "PRESETS", "ReproduceSpec", "TRAIN_STEPS", "judge", "resumed_spec", "run"]

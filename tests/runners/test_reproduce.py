@@ -1,0 +1,172 @@
+import base64
+import json
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+
+from mmprof.results import RunWriter
+from mmprof.results import claims as cl
+from mmprof.runners import decode_power as dp
+from mmprof.runners import reproduce as rp
+from mmprof.runners import train_memory as tm
+from tests.cli.helpers import assert_one_line_exit_2, invoke
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def png_images(html_path):
+    parser = Images()
+    parser.feed(html_path.read_text())
+    heads = [base64.b64decode(s.split(",", 1)[1])[:8] for s in parser.srcs if s.startswith("data:image/png;base64,")]
+    assert len(heads) == len(parser.srcs)
+    assert all(h == b"\x89PNG\r\n\x1a\n" for h in heads)
+    return len(heads)
+
+
+def open_writer(command, path, exists):
+    return RunWriter.resume(path, command) if exists else RunWriter.create(path, command, argv=[],
+                                                                             extra_meta={"gpu": "GPU X", "driver": "1"})
+
+
+def synthetic_folder(folder):
+    """A reproduce folder whose run folders hold synthetic rows (keys as the steps would write them)."""
+    spec = rp.ReproduceSpec(device="cuda:0", quick=True)
+    trains, decodes = rp.train_specs(spec), rp.decode_specs(spec)
+    w = open_writer("train-memory", folder / rp.TRAIN_DIR, False)
+    for step, s, _ in trains:
+        for cfg in (tm.configs(s) if s else []):
+            row = {**cfg.spec_row(s), "status": "ok", "peak_alloc_gib": 20.0 + cfg.batch,
+                   "act_mem_gib": 5.0 + cfg.batch, "step_time_s": 0.1 * cfg.batch, "j_per_token": 0.01}
+            if cfg.bitlinear == "vanilla":
+                row.update(peak_alloc_gib=30.0 + 5 * cfg.batch, step_time_s=0.15 * cfg.batch)
+                if cfg.batch == 8:
+                    row = {**cfg.spec_row(s), "status": "oom", "note": "OutOfMemoryError: CUDA out of memory"}
+            w.append(row)
+    w = open_writer("decode-power", folder / rp.DECODE_DIR, False)
+    for step, s, _ in decodes:
+        for cfg in dp.configs(s):
+            big = cfg.arch == "transformer"
+            w.append({**cfg.spec_row(s), "status": "ok", "peak_alloc_gib": (45.0 if big else 3.5) / (4 if cfg.size == "1.3b" else 1),
+                      "latency_p50_ms": 8.5 if big else 1.5, "tokens_per_s": 117.0 if big else 669.0, "weights_gib": 1.0 if cfg.size == "1.3b" else 10.0,
+                      "j_per_token": 4.0 if big else 0.8})
+    t = [i * 0.01 for i in range(400)]
+    # two step groups, two profilers: each trace has its own clock and its phases beside it
+    for n, (name, label) in enumerate((("", "decode mmfree 13b packed #0"), ("-2", "decode transformer 13b bf16 #0"))):
+        pd.DataFrame({"t_s": t, "gpu": 0, "power_w": [120 + (200 if 1 + n < x < 3 else 0) for x in t]}).to_csv(
+            folder / rp.DECODE_DIR / f"power_trace{name}.csv", index=False)
+        pd.DataFrame({"label": ["idle", label], "t_start_s": [0.0, 1.0 + n],
+                      "t_end_s": [0.9, 3.0]}).to_csv(folder / rp.DECODE_DIR / f"phases{name}.csv", index=False)
+    meta = {"command": "reproduce", "gpu": "GPU X", "driver": "1", "git_commit": "abcdef1234", "argv": ["mmprof"]}
+    return spec, trains, decodes, meta
+
+
+def test_report_from_synthetic_rows(tmp_path):
+    spec, trains, decodes, meta = synthetic_folder(tmp_path)
+    rows, folder = rp.judge(tmp_path, spec, meta, trains, decodes)
+    by = rows.set_index("id")
+    assert by.loc["train-memory-reduction", "measured_value"] == pytest.approx((1 - 24 / 50) * 100)   # batch 4
+    assert by.loc["infer-13b-memory-ratio", "verdict"] == cl.REPRODUCED
+    assert by.loc["train-ref-fused-activations", "verdict"] == cl.NOT_MEASURED
+    assert (by["measured on"] == "GPU X, driver 1, commit abcdef1234").all()
+    for name in ("report.md", "report.html", "claims.csv", "steps.csv"):
+        assert (folder / name).stat().st_size > 0
+    assert png_images(folder / "report.html") == 3          # memory/time vs batch, decode vs size, power window
+    md = (folder / "report.md").read_text()
+    assert "Not drawn" not in md and "| reproduced |" in md and "2406.02528" in md
+    assert "batch size of 1 and a sequence length of 2048" in md    # the cited setting
+    steps = pd.read_csv(folder / "steps.csv").fillna("")
+    after_oom = steps[steps["configuration"] == "mmfree-vanilla b8"]
+    assert after_oom["status"].tolist() == ["oom"] and "out of memory" in after_oom["note"].iloc[0]
+    assert len(pd.read_csv(folder / "claims.csv")) == len(rows)
+
+
+def test_ref_fused_runs_when_the_build_has_it(monkeypatch):
+    spec = rp.ReproduceSpec(device="cuda:0", quick=True)
+    monkeypatch.setattr(rp, "available_bitlinears", lambda: ("vanilla", "fused"))
+    assert [why for step, _, why in rp.train_specs(spec) if step.bitlinear == "ref-fused"][0].startswith("--bitlinear")
+    monkeypatch.setattr(rp, "available_bitlinears", lambda: ("vanilla", "fused", "ref-fused"))
+    s = [s for step, s, _ in rp.train_specs(spec) if step.bitlinear == "ref-fused"][0]
+    assert s.bitlinears == ("ref-fused",) and s.seq == 2048 and s.size == "1.3b"
+
+
+def test_paper_settings_in_the_specs():
+    full = rp.ReproduceSpec(device="cuda:0")
+    d = [s for _, s, _ in rp.decode_specs(full)]
+    assert all(s.batch == 1 and s.prompt_len + s.new_tokens == 2048 for s in d)
+    assert {x for s in d for x in s.sizes} == {"370m", "1.3b", "2.7b", "13b"}
+    assert [s.weights for s in d] == ["packed", "bf16"]
+    meta = rp.ReproduceSpec(device="meta", quick=True)
+    assert all(s is None and "need a GPU" in why for _, s, why in rp.decode_specs(meta))
+
+
+def test_cli_on_cpu_writes_the_report(tmp_path):
+    out = tmp_path / "rp"
+    r = invoke("reproduce", "--preset", "tiny", "--device", "cpu", "--quick", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "paper claims" in r.output and "verdict" in r.output and "FPGA" in r.output
+    assert set(pd.read_csv(out / "claims.csv")["verdict"]) <= set(cl.VERDICTS)
+    for name in ("report.md", "report.html", "claims.csv", "steps.csv", "meta.json",
+                 "train-memory/measurements.csv", "decode-power/measurements.csv"):
+        assert (out / name).exists(), name
+    assert png_images(out / "report.html") == 2             # no power samples on the CPU: no window figure
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["command"] == "reproduce" and meta["end_utc"] and meta["preset"] == "tiny"
+    decode = pd.read_csv(out / "decode-power" / "measurements.csv")
+    assert set(decode["arch"]) == {"mmfree", "transformer"} and (decode["status"] == "ok").all()
+    assert "tiny preset" in (out / "report.md").read_text()
+    again = invoke("reproduce", "--preset", "tiny", "--device", "cpu", "--out", str(out))
+    assert_one_line_exit_2(again, "--resume")
+
+
+def test_killed_run_resumes_without_redoing_rows(tmp_path, monkeypatch):
+    steps = (rp.TrainStep("mmfree", "fused", (1, 2), (1, 2)), rp.TrainStep("mmfree", "vanilla", (1, 2), (1, 2)))
+    spec = rp.ReproduceSpec(device="meta", quick=True, preset="tiny", train_steps=steps, decode_steps=())
+    real, calls = tm.estimate, []
+
+    def dies_on_third(cfg, s):
+        calls.append(cfg.label)
+        if len(calls) == 3:
+            raise KeyboardInterrupt                         # the process is killed mid-run
+        return real(cfg, s)
+
+    monkeypatch.setattr(tm, "estimate", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        rp.run(spec, tmp_path, open_writer)
+    assert len(pd.read_csv(tmp_path / "train-memory" / "measurements.csv")) == 2
+    assert not (tmp_path / "report.html").exists()
+    resumed = rp.resumed_spec(tmp_path)
+    assert resumed.train_steps == steps and resumed.device == "meta" and resumed.preset == "tiny"
+    calls.clear()
+    monkeypatch.setattr(tm, "estimate", lambda cfg, s: (calls.append(cfg.label), real(cfg, s))[1])
+    rows, _ = rp.run(resumed, tmp_path, open_writer)
+    assert calls == ["mmfree-vanilla b1", "mmfree-vanilla b2"]          # only what the killed run had not done
+    df = pd.read_csv(tmp_path / "train-memory" / "measurements.csv")
+    assert len(df) == 4 and not df.duplicated(["bitlinear", "batch"]).any()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["end_utc"] and len(meta["resumed_utc"]) == 1
+    calls.clear()
+    rp.run(resumed, tmp_path, open_writer)                               # a finished run: nothing measured again
+    assert calls == []
+    assert rows.set_index("id").loc["infer-13b-mmfree-latency", "reason"].startswith("latency, inference memory")
+    assert (tmp_path / "report.html").exists()
+    notes = (tmp_path / "report.md").read_text()
+    assert "No GPU was visible" in notes and "need a GPU" in notes
+
+
+def test_resume_of_a_folder_that_is_not_a_reproduce_run(tmp_path):
+    assert_one_line_exit_2(invoke("reproduce", "--resume", str(tmp_path)), "not a reproduce folder")
+
+
+def test_paper_sizes_are_not_run_on_the_cpu(tmp_path):
+    out = tmp_path / "never"
+    assert_one_line_exit_2(invoke("reproduce", "--device", "cpu", "--out", str(out)), "--device cpu")
+    assert not out.exists()
