@@ -142,8 +142,8 @@ def _qkv_rope_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
                      K, eps, HEADS, KV_HEADS, head_stride,
                      HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (head h of q|k|v, dims j..j+BLOCK_J of each half): rows h*D + j and h*D + D/2 + j."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    per_head: tl.constexpr = HALF // BLOCK_J
+    HALF = HEAD_DIM // 2
+    per_head = HALF // BLOCK_J
     pid = tl.program_id(0)
     head = pid // per_head
     j = (pid % per_head) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -218,7 +218,7 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, head_stride, group, scal
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * scale
     base = (head // group) * head_stride
-    n_keys = tl.load(pos_ptr) + 1
+    n_keys = (tl.load(pos_ptr) + 1).to(tl.int32)
     best = tl.zeros([], tl.float32) - float("inf")
     total = tl.zeros([], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
