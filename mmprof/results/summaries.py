@@ -76,7 +76,8 @@ def train_memory_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def decode_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per size: MatMul-free vs Transformer++ tokens/s, J/token and memory, as ratios."""
+    """Per size: MatMul-free vs Transformer++ tokens/s, J/token, memory and the fraction of the
+    weight-bytes roofline (`bandwidth_frac`), and the ratios."""
     rows = []
     ok = job_rows(df)
     ok = ok[ok["status"] == "ok"]
@@ -90,6 +91,7 @@ def decode_summary(df: pd.DataFrame) -> pd.DataFrame:
                 out[f"{name} tokens/s"] = _fmt(r.get("tokens_per_s"), 1)
                 out[f"{name} J/token"] = _fmt(r.get("j_per_token"), 4)
                 out[f"{name} peak GiB"] = _fmt(r.get("peak_alloc_gib"))
+                out[f"{name} roofline"] = _fmt(r.get("bandwidth_frac"), 3)  # of the copy bandwidth (GPU rows)
         if len(m) and len(t):
             mr, tr = m.iloc[0], t.iloc[0]
             if tr.get("tokens_per_s"):

@@ -14,13 +14,33 @@ to ternary on every call (fake-quant, as the reference implementation does); `Pa
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from mmprof.errors import UserError
+
+
+@runtime_checkable
+class StaticDecoder(Protocol):
+    """What `GraphDecoder` drives, and what `model.static_decoder(batch, max_len, device)` returns
+    for Transformer++ (`transformer.TransformerStaticDecoder`), the fake-quant MatMul-free model
+    (`mmfree.MMFreeStaticDecoder`) and the packed one (`packed.PackedStaticDecoder`): its state in
+    fixed buffers on the device, so that `step` can be captured in a CUDA graph and replayed."""
+
+    batch: int
+    max_len: int
+
+    def prefill(self, prompt_ids: Tensor) -> Tensor:
+        """Reset the state, run the prompt [batch, P] eagerly; return its last logits [batch, vocab]."""
+        ...
+
+    def step(self, ids: Tensor) -> Tensor:
+        """Feed ids [batch] at the next position; return their logits [batch, vocab]. Fixed shapes,
+        no host synchronisation (the position, where there is one, lives on the device)."""
+        ...
 
 
 def check_room(decoder, batch: int, start: int, tokens: int) -> None:
@@ -79,7 +99,7 @@ class GraphDecoder:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, static_decoder, use_graph: bool | None = None):
+    def __init__(self, static_decoder: StaticDecoder, use_graph: bool | None = None):
         self.decoder, self.use_graph = static_decoder, use_graph
         self.batch, self.max_len = static_decoder.batch, static_decoder.max_len
         self.length = 0

@@ -2,7 +2,7 @@
 preallocated KV cache, SwiGLU MLP, untied lm_head. Parameter names as Hugging Face's Llama.
 
 `TransformerLM.static_decoder` gives the decoding baseline: a static KV cache, the position in a
-device tensor and one-token steps that a CUDA graph can capture (see `StaticDecoder`)."""
+device tensor and one-token steps that a CUDA graph can capture (see `TransformerStaticDecoder`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ from torch import Tensor
 from mmprof.errors import UserError
 from mmprof.workloads.layers import ModelOutput, RMSNorm, apply_rotary, lm_loss, rotary_cos_sin
 from mmprof.workloads.presets import ModelConfig
+
+def _decode_blocks() -> dict:
+    """Launch shapes of the Triton step's products (kernels.bf16_decode.GemvBlocks by product)."""
+    from mmprof.kernels.bf16_decode import GemvBlocks
+
+    return {"qkv": GemvBlocks(rows=16, cols=512), "o_proj": GemvBlocks(rows=8, cols=512),
+            "gate_up": GemvBlocks(rows=16, cols=512, warps=8), "down_proj": GemvBlocks(rows=8, cols=512),
+            "lm_head": GemvBlocks(rows=16, cols=512)}
+
 
 # SDPA takes keys/values with fewer heads than the queries (`enable_gqa`) from torch 2.5 on
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -164,9 +173,10 @@ class TransformerLM(nn.Module):
         weight = self.model.embed_tokens.weight
         return KVCache(self.config, batch, max_len, device if device is not None else weight.device, weight.dtype)
 
-    def static_decoder(self, batch: int, max_len: int, device=None) -> "StaticDecoder":
-        """Graph-capturable decoding state for `batch` sequences of up to `max_len` tokens."""
-        return StaticDecoder(self, batch, max_len, device)
+    def static_decoder(self, batch: int, max_len: int, device=None, backend: str = "auto") -> "TransformerStaticDecoder":
+        """Graph-capturable decoding state for `batch` sequences of up to `max_len` tokens; backend
+        of its steps as `TransformerStaticDecoder` says."""
+        return TransformerStaticDecoder(self, batch, max_len, device, backend)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -199,7 +209,7 @@ def _fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor:
     return first.detach().as_strided((sum(w.shape[0] for w in weights), cols), (cols, 1))
 
 
-class StaticDecoder:
+class TransformerStaticDecoder:
     """Decoding state of a TransformerLM in fixed buffers, for `workloads.decode.GraphDecoder`.
 
     `cache`: a KVCache [layers, B, kv_heads, max_len, head_dim] in the weights' dtype. `pos` [1]
@@ -213,9 +223,15 @@ class StaticDecoder:
     path); grouped-query heads attend as G query rows of their shared kv head (no cache copies).
     At 1-token decoding the weights' reads are the cost, so each layer's q/k/v and gate/up weights
     are laid out as one matrix each (`_fused_weight`): one product instead of three and two.
+
+    backend "auto" steps a batch of 1 on CUDA with the Triton kernels of `kernels.bf16_decode`
+    (five launches a layer: norm+qkv+rotary+cache write, attention over positions 0..pos only,
+    o_proj into the residual, norm+gate/up+SiLU-GLU, down_proj into the residual); other batches,
+    CPU tensors and "torch" run the PyTorch step above. "triton" asks for the kernels (on a CPU
+    only under TRITON_INTERPRET=1). `blocks` (name -> GemvBlocks) sets their launch shapes.
     """
 
-    def __init__(self, model: TransformerLM, batch: int, max_len: int, device=None):
+    def __init__(self, model: TransformerLM, batch: int, max_len: int, device=None, backend: str = "auto"):
         weight = model.model.embed_tokens.weight
         device = torch.device(device) if device is not None else weight.device
         cfg, dtype = model.config, weight.dtype
@@ -234,6 +250,13 @@ class StaticDecoder:
         self.keys = torch.arange(-(-max_len // 8) * 8, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
+        self.backend = _step_backend(backend, cfg, batch, device)
+        if self.backend == "triton":
+            self.cos_half, self.sin_half = cos[:, :half].to(dtype).contiguous(), sin[:, :half].to(dtype).contiguous()
+            self.q = torch.empty(cfg.num_heads * cfg.head_dim, device=device, dtype=dtype)
+            self.attn_out = torch.empty_like(self.q)
+            self.glu_out = torch.empty(cfg.intermediate_size, device=device, dtype=dtype)
+            self.blocks = _decode_blocks()
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Tensor) -> Tensor:
@@ -251,6 +274,8 @@ class StaticDecoder:
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
         """ids [B] at position `pos` -> logits [B, vocab]; `pos` advances. Never past max_len: not checked."""
+        if self.backend == "triton":
+            return self._triton_step(ids)
         cfg, cache, pos, batch = self.model.config, self.cache, self.pos, self.batch
         heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
@@ -271,3 +296,40 @@ class StaticDecoder:
             x.addmm_(F.silu(gate).mul_(up), layer.mlp.down_proj.weight.t())
         pos.add_(1)
         return self.model.lm_head(_norm(x, self.model.model.norm))
+
+    def _triton_step(self, ids: Tensor) -> Tensor:
+        """The batch-1 step in five Triton launches a layer (see the class docstring)."""
+        from mmprof.kernels import bf16_decode as k
+
+        cache, pos, heads, blocks = self.cache, self.pos, self.model.config.num_heads, self.blocks
+        x = self.model.model.embed_tokens(ids.reshape(1))[0]  # [d], the residual row, updated in place
+        for n, layer in enumerate(self.model.model.layers):
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            k_cache, v_cache = cache.k[n, 0], cache.v[n, 0]
+            k.norm_qkv_rope(x, ln1.weight, ln1.eps, self.qkv[n], self.cos_half, self.sin_half, pos,
+                            self.q, k_cache, v_cache, heads, blocks["qkv"])
+            k.attend(self.q, k_cache, v_cache, pos, self.attn_out)
+            k.gemv(self.attn_out, layer.self_attn.o_proj.weight, x, residual=True, blocks=blocks["o_proj"])
+            k.gemv(x, self.gate_up[n], self.glu_out, norm=ln2.weight, eps=ln2.eps, glu=True, blocks=blocks["gate_up"])
+            k.gemv(self.glu_out, layer.mlp.down_proj.weight, x, residual=True, blocks=blocks["down_proj"])
+        pos.add_(1)
+        final = self.model.model.norm
+        return k.gemv(x, self.model.lm_head.weight, norm=final.weight, eps=final.eps, blocks=blocks["lm_head"])[None]
+
+
+def _step_backend(backend: str, cfg: ModelConfig, batch: int, device: torch.device) -> str:
+    """"triton" where the batch-1 kernels apply and are asked for (or "auto" on CUDA), else "torch"."""
+    if backend not in ("auto", "triton", "torch"):
+        raise UserError(f"static decoder backend must be auto, triton or torch, got {backend!r}")
+    hd = cfg.head_dim
+    fits = batch == 1 and hd >= 2 and hd & (hd - 1) == 0
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or not fits)):
+        return "torch"
+    if not fits:
+        raise UserError(f"the Triton decode step needs batch 1 and a power-of-two head_dim, got {batch} and {hd}")
+    if device.type != "cuda":
+        from mmprof.kernels._triton_util import interpreting
+
+        if not interpreting():
+            raise UserError("the Triton decode step needs a CUDA device, or TRITON_INTERPRET=1 on a CPU")
+    return "triton"

@@ -6,8 +6,12 @@ import torch
 
 from mmprof.errors import UserError
 from mmprof.workloads import Decoder, build_model
-from mmprof.workloads.decode import GraphDecoder, make_decoder
+from mmprof.kernels._triton_util import interpreting
+from mmprof.workloads.decode import GraphDecoder, StaticDecoder, make_decoder
 from tests.workloads.helpers import rel_rms
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def transformer(kv_heads=None, device="cpu", dtype=torch.float32, **shape):
@@ -220,3 +224,68 @@ def test_cuda_graph_greedy_steps_feed_themselves_back():
     logits = teacher_forced(eager, torch.cat([prompt, got[:, :-1]], 1), 6).float()
     best, chosen = logits.amax(-1), logits.gather(-1, got[..., None]).squeeze(-1)
     assert (best - chosen).max() <= 1e-2 * best.abs().max()
+
+
+def test_every_static_decoder_meets_the_protocol():
+    from mmprof.workloads import PackedMMFreeLM
+
+    transformer_sd = transformer().static_decoder(1, 4)
+    mmfree = build_model("mmfree", "tiny", seed=0).eval()
+    for sd in (transformer_sd, mmfree.static_decoder(1, 4), PackedMMFreeLM.from_model(mmfree).static_decoder(1, 4)):
+        assert isinstance(sd, StaticDecoder), type(sd).__name__
+        assert (sd.batch, sd.max_len) == (1, 4)
+
+
+triton_step = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                 reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+@triton_step
+def test_triton_step_decodes_the_greedy_tokens_of_the_eager_decoder(seed):
+    """On a CPU under the interpreter (fp32): the batch-1 Triton step's tokens and logits are the eager
+    decoder's (grouped-query heads; a few steps: the interpreter is slow)."""
+    model = transformer(2, device=DEVICE)
+    prompt = torch.randint(0, 256, (1, 5), device=DEVICE)
+    sd = model.static_decoder(1, 9, backend="triton")
+    assert sd.backend == "triton"
+    fast = GraphDecoder(sd, use_graph=False)
+    assert torch.equal(greedy_tokens(fast, prompt, 3), greedy_tokens(Decoder(model, 1, 9), prompt, 3)), f"seed={seed}"
+    ids = torch.randint(0, 256, (1, 9), device=DEVICE)
+    assert rel_rms(teacher_forced(fast, ids, 6), teacher_forced(Decoder(model, 1, 9), ids, 6)) < 1e-5, f"seed={seed}"
+
+
+def test_the_triton_step_is_chosen_only_where_it_applies():
+    model = transformer()
+    assert model.static_decoder(1, 4).backend == "torch"  # CPU: the eager PyTorch step
+    assert model.static_decoder(1, 4, backend="torch").backend == "torch"
+    with pytest.raises(UserError, match="batch 1"):
+        model.static_decoder(2, 4, backend="triton")
+    with pytest.raises(UserError, match="backend"):
+        model.static_decoder(1, 4, backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", ["370m", "1.3b"])
+def test_gpu_triton_step_greedy_tokens_are_the_eager_decoders(size):
+    """A real preset in bf16: the graphed Triton step's greedy tokens equal the eager `Decoder`'s
+    until the first bf16 near-tie (the two sum in different orders), and every token it chose is the
+    eager decoder's best given the same prefix, up to such ties."""
+    torch.manual_seed(0)
+    model = build_model("transformer", size, device="cuda", dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
+    steps = 64
+    fast = GraphDecoder(model.static_decoder(1, 32 + steps + 1), use_graph=True)
+    assert fast.decoder.backend == "triton"
+    got = greedy_tokens(fast, prompt, steps)
+    assert fast.graph is not None
+    eager = Decoder(model, 1, 32 + steps + 1)
+    logits = teacher_forced(eager, torch.cat([prompt, got[:, :-1]], 1), 32).float()
+    best, chosen = logits.amax(-1), logits.gather(-1, got[..., None]).squeeze(-1)
+    ties = best - chosen
+    assert (ties <= 2e-2 * best.abs().max()).all(), ties.max().item()
+    same = greedy_tokens(Decoder(model, 1, 32 + steps + 1), prompt, steps)
+    first_differing = (got != same).nonzero()
+    if len(first_differing):  # a difference starts only where the eager decoder had a near-tie
+        t = first_differing[0, 1].item()
+        top2 = logits[0, t].topk(2).values
+        assert (top2[0] - top2[1]).item() <= 2e-2 * best.abs().max().item()

@@ -1,0 +1,170 @@
+"""Transformer++ bf16 decoding at batch 1 on one GPU: tokens/s and fraction of the copy-bandwidth
+roofline of the static decoder's step backends, the launch shapes of the Triton step's products,
+and whether the greedy tokens match the eager `Decoder`'s.
+
+    python scripts/bench_tf_decode.py --sizes 1.3b,2.7b,13b [--sweep] [--budget-s 200]
+
+Per size: the PyTorch step and the Triton step (default launch shapes), each one CUDA graph per
+token (`GraphDecoder`), timed with CUDA events over `--new-tokens - 1` greedy steps after a
+`--prompt-len` prompt, best of `--repeats`. The roofline is `streamed_bytes` (the weights one step
+reads, workloads/weight_bytes.py) at the measured device-to-device copy rate, as decode-power
+computes `bandwidth_frac`. `--sweep` also times each product's kernel alone over the layers'
+weights in turn (so that the L2 cache does not hold them) for a few launch shapes, and then the
+whole step with the fastest shape of each product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mmprof.kernels import bf16_decode as k
+from mmprof.profiler import copy_bandwidth_gbps
+from mmprof.workloads import Decoder, build_model, streamed_bytes
+from mmprof.workloads.decode import GraphDecoder
+
+SHAPES = [k.GemvBlocks(8, 512, 4, 4), k.GemvBlocks(16, 512, 4, 4), k.GemvBlocks(32, 512, 8, 4),
+          k.GemvBlocks(32, 256, 4, 4), k.GemvBlocks(16, 1024, 8, 3), k.GemvBlocks(4, 1024, 4, 4)]
+
+
+def events_s(fn, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def decode_rate(decoder, prompt, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """(tokens/s over the greedy steps, best of `repeats`; the greedy ids [new_tokens]). The timed
+    loop is decode-power's: each step is fed the ids buffer the step before returned."""
+    def timed():
+        token = decoder.prefill(prompt).argmax(-1)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new_tokens - 1):
+            token = decoder.greedy_step(token)
+        end.record()
+        torch.cuda.synchronize()
+        return (new_tokens - 1) / (start.elapsed_time(end) / 1e3)
+
+    token = decoder.prefill(prompt).argmax(-1)  # warm-up: compiles, captures; keeps the ids
+    ids = [token.clone()]
+    for _ in range(new_tokens - 1):
+        token = decoder.greedy_step(token)
+        ids.append(token.clone())
+    return max(timed() for _ in range(repeats)), torch.cat(ids)
+
+
+def eager_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
+    dec = Decoder(model, 1, prompt.shape[1] + new_tokens)
+    token = dec.prefill(prompt).argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = dec.greedy_step(token)
+        out.append(token)
+    return torch.cat(out)
+
+
+def sweep(model, sd, repeats: int) -> dict:
+    """Fastest launch shape per product, each timed over all layers' weights in turn."""
+    layers = model.model.layers
+    cfg = model.config
+    x = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    inter = torch.randn(cfg.intermediate_size, device="cuda", dtype=torch.bfloat16)
+    resid = x.clone()  # what o_proj and down_proj add into (its values grow: only the time counts)
+    pos = torch.tensor([40], device="cuda")
+    nw = layers[0].input_layernorm.weight
+    cache = sd.cache
+    products = {
+        "qkv": lambda b: [k.norm_qkv_rope(x, nw, 1e-6, sd.qkv[n], sd.cos_half, sd.sin_half, pos, sd.q,
+                                          cache.k[n, 0], cache.v[n, 0], cfg.num_heads, b) for n in range(len(layers))],
+        "o_proj": lambda b: [k.gemv(sd.attn_out, layers[n].self_attn.o_proj.weight, resid, residual=True, blocks=b)
+                             for n in range(len(layers))],
+        "gate_up": lambda b: [k.gemv(x, sd.gate_up[n], sd.glu_out, norm=nw, glu=True, blocks=b) for n in range(len(layers))],
+        "down_proj": lambda b: [k.gemv(inter, layers[n].mlp.down_proj.weight, resid, residual=True, blocks=b)
+                                for n in range(len(layers))],
+        "lm_head": lambda b: [k.gemv(x, model.lm_head.weight, norm=nw, blocks=b) for _ in range(4)],
+    }
+    weights = {"qkv": sd.qkv[0], "o_proj": layers[0].self_attn.o_proj.weight, "gate_up": sd.gate_up[0],
+               "down_proj": layers[0].mlp.down_proj.weight, "lm_head": model.lm_head.weight}
+    copies = {name: (len(layers) if name != "lm_head" else 4) for name in products}
+    best = {}
+    for name, fn in products.items():
+        nbytes = weights[name].numel() * 2 * copies[name]
+        line = []
+        for shape in SHAPES:
+            try:
+                s = events_s(lambda: fn(shape), repeats)
+            except Exception as e:  # noqa: BLE001 - a shape that fails to compile is reported, not fatal
+                line.append(f"{shape.rows}/{shape.cols}/{shape.warps}/{shape.stages}: {type(e).__name__}")
+                continue
+            us = s / copies[name] * 1e6
+            line.append(f"{shape.rows}/{shape.cols}/{shape.warps}/{shape.stages}: {us:.1f}us {nbytes / s / 1e9:.0f}GB/s")
+            if name not in best or s < best[name][0]:
+                best[name] = (s, shape)
+        print(f"  {name} {tuple(weights[name].shape)}: " + " | ".join(line), flush=True)
+    # attention: the Triton kernel's key block against SDPA over the whole padded cache
+    for block_t in (32, 64, 128):
+        s = events_s(lambda: [k.attend(sd.q, cache.k[n, 0], cache.v[n, 0], pos, sd.attn_out, block_t)
+                              for n in range(len(layers))], repeats)
+        print(f"  attend block_t {block_t}: {s / len(layers) * 1e6:.1f}us per layer (41 keys)", flush=True)
+    return {name: shape for name, (_, shape) in best.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1.3b,2.7b,13b")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
+    args = ap.parse_args()
+    t0 = time.time()
+    copy = copy_bandwidth_gbps("cuda")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; copy {copy:.0f} GB/s", flush=True)
+    print("size | backend | tokens/s | ms/token | bytes/step GiB | GB/s | bandwidth_frac | greedy = eager", flush=True)
+    for size in args.sizes.split(","):
+        if time.time() - t0 > args.budget_s:
+            print(f"{size}: skipped (budget)")
+            continue
+        model = build_model("transformer", size, device="cuda", dtype=torch.bfloat16).eval()
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=gen).cuda()
+        step_bytes = streamed_bytes(model, 1)
+        max_len = args.prompt_len + args.new_tokens
+        with torch.inference_mode():
+            eager = eager_greedy(model, prompt, args.new_tokens)
+            variants = [("torch", None), ("triton", None)]
+            if args.sweep:
+                sd = model.static_decoder(1, max_len, backend="triton")
+                tuned = sweep(model, sd, args.repeats)
+                print(f"  fastest: {tuned}", flush=True)
+                variants.append(("triton", tuned))
+            for backend, blocks in variants:
+                sd = model.static_decoder(1, max_len, backend=backend)
+                if blocks:
+                    sd.blocks.update(blocks)
+                rate, ids = decode_rate(GraphDecoder(sd), prompt, args.new_tokens, args.repeats)
+                gbps = step_bytes * rate / 1e9
+                same = int((ids == eager).all())
+                first = int((ids != eager).nonzero()[0]) if not same else -1
+                name = backend + ("-tuned" if blocks else "")
+                print(f"{size} | {name} | {rate:.1f} | {1e3 / rate:.3f} | {step_bytes / 2**30:.3f} | {gbps:.0f} | "
+                      f"{gbps / copy:.3f} | {same} (first differing token {first})", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

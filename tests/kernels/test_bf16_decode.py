@@ -1,0 +1,91 @@
+"""The batch-1 decode kernels (kernels/bf16_decode.py) against their PyTorch twins, at several shapes:
+in the Triton interpreter on a CPU (fp32 and bf16), compiled on a GPU (bf16, real head dims)."""
+
+import pytest
+import torch
+
+from mmprof.kernels import bf16_decode as k
+from mmprof.kernels._triton_util import interpreting
+
+needs_triton = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                  reason="needs a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def rel_rms(actual, expected):
+    diff = (actual.double() - expected.double()).pow(2).mean().sqrt()
+    return (diff / expected.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def dtypes():
+    return [torch.float32, torch.bfloat16] if DEVICE == "cpu" else [torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("rows,cols", [(2, 3), (40, 70), (96, 200)])
+@pytest.mark.parametrize("mode", ["plain", "norm", "glu", "residual"])
+def test_gemv_equals_its_twin(rows, cols, mode, dtype):
+    torch.manual_seed(rows + cols)
+    a = torch.randn(cols, device=DEVICE).to(dtype)
+    w = (torch.randn((2 if mode == "glu" else 1) * rows, cols, device=DEVICE) / cols**0.5).to(dtype)
+    norm = (1 + 0.3 * torch.randn(cols, device=DEVICE)).to(dtype) if mode in ("norm", "glu") else None
+    out = torch.randn(rows, device=DEVICE).to(dtype) if mode == "residual" else None
+    got = k.gemv(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu", residual=mode == "residual")
+    want = k.gemv_ref(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu",
+                      residual=mode == "residual")
+    assert got.shape == want.shape == (rows,) and got.dtype == dtype
+    assert rel_rms(got, want) < TOLERANCE[dtype]
+
+
+def test_gemv_with_a_residual_needs_an_output():
+    with pytest.raises(ValueError, match="out"):
+        k.gemv(torch.ones(4), torch.ones(3, 4), residual=True)
+
+
+def qkv_case(heads, kv_heads, head_dim, hidden, max_len, pos, dtype):
+    torch.manual_seed(heads * head_dim + pos)
+    x = torch.randn(hidden, device=DEVICE).to(dtype)
+    norm = (1 + 0.3 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    w = (torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=DEVICE) / hidden**0.5).to(dtype)
+    angles = torch.rand(max_len, head_dim // 2, device=DEVICE) * 6
+    cache = torch.randn(2, kv_heads, max_len, head_dim, device=DEVICE).to(dtype)
+    position = torch.tensor([pos], device=DEVICE)
+    return x, norm, w, angles.cos().to(dtype), angles.sin().to(dtype), position, cache
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,max_len,pos",
+                         [(4, 4, 16, 64, 9, 0), (4, 2, 16, 48, 9, 8), (2, 1, 32, 80, 5, 3)]
+                         + ([(32, 32, 64, 2048, 300, 37), (40, 40, 128, 5120, 300, 200)] if DEVICE == "cuda" else []))
+def test_norm_qkv_rope_writes_q_and_the_cache_as_its_twin(heads, kv_heads, head_dim, hidden, max_len, pos, dtype):
+    x, norm, w, cos, sin, position, cache = qkv_case(heads, kv_heads, head_dim, hidden, max_len, pos, dtype)
+    results = []
+    for fn in (k.norm_qkv_rope, k.norm_qkv_rope_ref):
+        q, c = torch.empty(heads * head_dim, device=DEVICE, dtype=dtype), cache.clone()
+        fn(x, norm, 1e-6, w, cos, sin, position, q, c[0], c[1], heads)
+        results.append((q, c))
+    (q, c), (q_ref, c_ref) = results
+    assert rel_rms(q, q_ref) < TOLERANCE[dtype]
+    assert rel_rms(c[:, :, pos], c_ref[:, :, pos]) < TOLERANCE[dtype]
+    others = [t for t in range(max_len) if t != pos]
+    assert torch.equal(c[:, :, others], cache[:, :, others])  # only position pos is written
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,max_len,pos",
+                         [(4, 4, 16, 9, 0), (4, 2, 16, 70, 69), (3, 1, 32, 40, 20)]
+                         + ([(32, 32, 64, 288, 287), (40, 40, 128, 300, 100)] if DEVICE == "cuda" else []))
+def test_attend_sees_positions_up_to_pos_only(heads, kv_heads, head_dim, max_len, pos, dtype):
+    torch.manual_seed(heads + pos)
+    q = torch.randn(heads * head_dim, device=DEVICE).to(dtype)
+    cache = torch.randn(2, kv_heads, max_len, head_dim, device=DEVICE).to(dtype)
+    position = torch.tensor([pos], device=DEVICE)
+    got = k.attend(q, cache[0], cache[1], position)
+    assert rel_rms(got, k.attend_ref(q, cache[0], cache[1], position)) < TOLERANCE[dtype]
+    poisoned = cache.clone()
+    poisoned[:, :, pos + 1 :] = float("nan")  # what lies past pos is never read into the result
+    assert torch.equal(k.attend(q, poisoned[0], poisoned[1], position), got)
