@@ -22,7 +22,7 @@ from mmprof.profiler import (
     synchronize,
 )
 from mmprof.runners.sweep import guarded, pending, release_memory
-from mmprof.workloads import PackedMMFreeLM, build_model, make_decoder, streamed_bytes, weight_bytes
+from mmprof.workloads import PackedMMFreeLM, build_model, load_checkpoint, make_decoder, streamed_bytes, weight_bytes
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
 
@@ -43,6 +43,8 @@ class DecodeSpec:
     sample_hz: float = 100.0
     seed: int = 0
     graph: bool | None = None      # CUDA graph per decode step; None: on CUDA devices
+    checkpoint: str | None = None  # a checkpoint folder: its real weights are decoded (sizes: its name)
+    prompt_ids: tuple[int, ...] | None = None   # a tokenised --prompt (else random ids, prompt_len long)
 
     @property
     def precision(self) -> str:
@@ -136,13 +138,21 @@ def _one_decode(dec, prompt, spec: DecodeSpec, prof: Profiler | None, label: str
 def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | None) -> dict:
     cuda = spec.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
-    if cfg.weights == "packed":
+    if spec.checkpoint:
+        model = load_checkpoint(spec.checkpoint, spec.device, dtype).eval()
+        if getattr(model, "weights", None) == "packed" and cfg.weights != "packed":
+            raise UserError(f"checkpoint {spec.checkpoint} holds packed weights: decode it with --weights packed")
+    else:
+        model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
+    if cfg.weights == "packed" and not isinstance(model, PackedMMFreeLM):
         model = PackedMMFreeLM.from_model(model)   # the bf16 weights are freed before anything is measured
         release_memory(spec.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
+    if spec.prompt_ids is not None:
+        prompt = torch.tensor([list(spec.prompt_ids)] * spec.batch, dtype=torch.long, device=spec.device)
+    else:
+        prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
     dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
     with torch.inference_mode():
         _one_decode(dec, prompt, spec, None, "warm-up")     # also captures the CUDA graph
