@@ -86,9 +86,9 @@ def _hgrn_bit(data: dict, where: str) -> ModelConfig:
     )  # fmt: skip
 
 
-def _rope_theta(data: dict, where: str) -> float:
-    """Rotary base from transformers 5's `rope_parameters` or 4's `rope_theta`/`rope_scaling`;
-    only the plain ("default") rotation is implemented."""
+def _rope_theta(data: dict, where: str) -> tuple[float, str | None]:
+    """(rotary base, what mmprof cannot run) from transformers 5's `rope_parameters` or 4's
+    `rope_theta`/`rope_scaling`; only the plain ("default") rotation is implemented."""
     params = data.get("rope_parameters")
     scaling = data.get("rope_scaling")
     if params is not None:
@@ -104,10 +104,10 @@ def _rope_theta(data: dict, where: str) -> float:
             name = "rope_scaling.rope_type"
             extra = sorted(set(scaling) - {"rope_type", "type"}) if isinstance(scaling, dict) else []
     if kind != "default":
-        raise UserError(f"{where}: unsupported settings: {name} {kind!r} (mmprof implements the default rotary only)")
+        return float(theta), f"{name} {kind!r} (mmprof implements the default rotary only)"
     if extra:
-        raise UserError(f"{where}: unsupported settings: {name} default with {', '.join(extra)}")
-    return float(theta)
+        return float(theta), f"{name} default with {', '.join(extra)}"
+    return float(theta), None
 
 
 def _llama(data: dict, where: str) -> ModelConfig:
@@ -116,7 +116,9 @@ def _llama(data: dict, where: str) -> ModelConfig:
     heads = _int(data, "num_attention_heads", LLAMA_DEFAULTS, where)
     kv_heads = data.get("num_key_value_heads") or heads
     head_dim = data.get("head_dim")
+    theta, rope_problem = _rope_theta(data, where)
     _unsupported(where, [text for bad, text in (
+        (rope_problem is not None, rope_problem),
         (bool(get("attention_bias")), "attention_bias true (mmprof's projections have no bias)"),
         (bool(get("mlp_bias")), "mlp_bias true (mmprof's projections have no bias)"),
         (get("hidden_act") != "silu", f"hidden_act {get('hidden_act')!r} (silu only)"),
@@ -134,7 +136,7 @@ def _llama(data: dict, where: str) -> ModelConfig:
         intermediate_size=_int(data, "intermediate_size", LLAMA_DEFAULTS, where), num_heads=heads,
         num_kv_heads=kv_heads if kv_heads != heads else None,
         attn_head_dim=head_dim if head_dim is not None and head_dim * heads != hidden else None,
-        rms_norm_eps=float(get("rms_norm_eps")), rope_theta=_rope_theta(data, where),
+        rms_norm_eps=float(get("rms_norm_eps")), rope_theta=theta,
         max_seq_len=_int(data, "max_position_embeddings", LLAMA_DEFAULTS, where),
         tie_word_embeddings=bool(get("tie_word_embeddings")), source_json=json.dumps(data, sort_keys=True),
     )  # fmt: skip
