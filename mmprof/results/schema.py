@@ -15,7 +15,7 @@ COMMON_TAIL = {"note": "free text: why values are empty, the error message, or f
 SPEC_COLUMNS: dict[str, dict[str, str]] = {
     "train-memory": {
         "arch": "mmfree | transformer",
-        "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b)",
+        "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b), or the --checkpoint given",
         "bitlinear": "fused | vanilla (empty for transformer)",
         "batch": "sequences per step",
         "seq": "tokens per sequence",
@@ -33,7 +33,7 @@ SPEC_COLUMNS: dict[str, dict[str, str]] = {
     },
     "decode-power": {
         "arch": "mmfree | transformer",
-        "size": "size preset",
+        "size": "size preset, or the --checkpoint given (folder or Hub repo id)",
         "weights": "fake-quant | packed | bf16",
         "batch": "sequences decoded together",
         "prompt_len": "prompt tokens per sequence",
