@@ -115,6 +115,7 @@ METRIC_COLUMNS: dict[str, dict[str, str]] = {
         "bytes_per_step_gib": "weight bytes a decode step reads (every weight but the embedding table, plus one embedding row per sequence), GiB",
         "bandwidth_gbps": "bytes_per_step_gib times steps per second, GB/s",
         "bandwidth_frac": "bandwidth_gbps over the GPU's measured copy bandwidth",
+        "ternary_zero_frac": "MatMul-free --checkpoint: fraction of BitLinear weights quantised to 0 (mmprof inspect: per BitLinear)",
         **_HOST,
     },
     "profiler-check": {

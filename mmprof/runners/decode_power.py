@@ -23,6 +23,7 @@ from mmprof.profiler import (
 )
 from mmprof.runners.sweep import guarded, pending, release_memory
 from mmprof.workloads import PackedMMFreeLM, build_model, load_checkpoint, make_decoder, streamed_bytes, weight_bytes
+from mmprof.workloads.ternary_stats import ternary_stats, zero_fraction
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
 
@@ -144,6 +145,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
             raise UserError(f"checkpoint {spec.checkpoint} holds packed weights: decode it with --weights packed")
     else:
         model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
+    zeros = zero_fraction(ternary_stats(model)) if spec.checkpoint else None   # of the real weights
     if cfg.weights == "packed" and not isinstance(model, PackedMMFreeLM):
         model = PackedMMFreeLM.from_model(model)   # the bf16 weights are freed before anything is measured
         release_memory(spec.device)
@@ -179,7 +181,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
         "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": tokens / total["duration_s"],
         "n_tokens_measured": tokens, "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
-        "peak_reserved_gib": whole.measurement.peak_reserved_gib,
+        "peak_reserved_gib": whole.measurement.peak_reserved_gib, "ternary_zero_frac": zeros,
         **{k: v for k, v in total.items() if k != "duration_s"},
     }
     if row.get("energy_j") is not None:

@@ -41,6 +41,16 @@ def ternary_stats(model: nn.Module) -> list[TernaryStats]:
     return rows
 
 
+def zero_fraction(stats: list[TernaryStats]) -> float | None:
+    """The fraction of zeros over all the BitLinear weights (None if there are none)."""
+    weights = sum(s.out_features * s.in_features for s in stats)
+    return sum(s.zero_frac * s.out_features * s.in_features for s in stats) / weights if weights else None
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
 def inspect_checkpoint(ref: str) -> tuple[dict, list[dict]]:
     """(summary, one dict per BitLinear) of a checkpoint folder or cached Hub repo id: arch, shape,
     parameter count, the bytes its weights take as stored and packed to 2 bits (MatMul-free), and
@@ -55,17 +65,16 @@ def inspect_checkpoint(ref: str) -> tuple[dict, list[dict]]:
     summary = {
         "arch": model.arch, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
         "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size, "params": model.num_params(),
-        "stored_gib": weight_bytes(model) / gib,
+        "stored_gib": _sig(weight_bytes(model) / gib),
     }  # fmt: skip
     if model.arch == "transformer":
         summary.update(heads=cfg.num_heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
     stats = ternary_stats(model)
     if stats:
         packed = model if isinstance(model, PackedMMFreeLM) else PackedMMFreeLM.from_model(model)
-        summary["packed_gib"] = weight_bytes(packed) / gib
-        weights = sum(s.out_features * s.in_features for s in stats)
-        summary["zero_frac"] = sum(s.zero_frac * s.out_features * s.in_features for s in stats) / weights
+        summary["packed_gib"] = _sig(weight_bytes(packed) / gib)
+        summary["zero_frac"] = _sig(zero_fraction(stats))
     rows = [{"bitlinear": s.name, "out": s.out_features, "in": s.in_features,
-             "params": s.out_features * s.in_features, "zero_frac": s.zero_frac, "scale": s.scale}
+             "params": s.out_features * s.in_features, "zero_frac": _sig(s.zero_frac), "scale": _sig(s.scale)}
             for s in stats]  # fmt: skip
     return summary, rows

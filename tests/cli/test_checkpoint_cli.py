@@ -24,6 +24,8 @@ def test_decode_power_decodes_a_checkpoint_with_a_prompt(tmp_path, make, arch, w
     assert list(df["arch"]) == [arch] and list(df["weights"]) == [weights] and list(df["status"]) == ["ok"]
     assert list(df["size"]) == [str(folder)] and list(df["prompt_len"]) == [3]
     assert len(vocab) > 3
+    zeros = df["ternary_zero_frac"].iloc[0]
+    assert (0.1 < zeros < 0.9) if arch == "mmfree" else pd.isna(zeros)
 
 
 def test_train_memory_takes_the_checkpoints_shape(tmp_path):
