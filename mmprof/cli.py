@@ -157,6 +157,21 @@ def _open_writer(command: str, out: str | None, resume: str | None, device: str,
     return _WRITER
 
 
+def _checkpoint_shape(ctx, checkpoint: str, archs: str):
+    """(folder, arch, ModelConfig) of --checkpoint; --size may not be given beside it, and --arch
+    must include the checkpoint's architecture (the only one measured)."""
+    from mmprof.runners.sweep import parse_list
+    from mmprof.workloads.checkpoint import read_config, resolve_checkpoint
+
+    if ctx.get_parameter_source("size") is not click.core.ParameterSource.DEFAULT:
+        raise UserError("give --size or --checkpoint, not both: the checkpoint's config.json sets the shape")
+    folder = resolve_checkpoint(checkpoint)
+    arch, cfg, _ = read_config(folder)
+    if arch not in parse_list(archs, "arch", str, ("mmfree", "transformer")):
+        raise UserError(f"checkpoint {checkpoint} is a {arch} model; --arch {archs} leaves it out")
+    return folder, arch, cfg
+
+
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -240,8 +255,12 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-train-memory)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
-def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
-                 checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt) -> None:
+@click.option("--checkpoint", default=None,
+              help="checkpoint folder or cached Hub repo id: its config.json sets the shape (instead of --size)")
+@click.pass_context
+def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
+                 checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt,
+                 checkpoint) -> None:
     """Training memory, time and energy: the BitLinear implementations vs Transformer++."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_TRAIN, train_memory_summary
@@ -255,8 +274,15 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
 
     check_format(fmt)
     check_environment()
-    get_config(size)
     check_device_choice(device, ("auto", "cuda", "cpu", "meta"), "train-memory")
+    model = None
+    if checkpoint:
+        if shard != "none":
+            raise UserError("--checkpoint with --shard fsdp is not supported yet; measure one GPU")
+        _, arch, model = _checkpoint_shape(ctx, checkpoint, arch)
+        size = checkpoint
+    else:
+        get_config(size)
     how = shard_plan(shard, world_size, device, gpus)
     check_estimate(estimate, how.device)
     spec = tm.TrainMemorySpec(
@@ -267,7 +293,7 @@ def train_memory(size, arch, bitlinear, batch, seq, steps, warmup, device, gpus,
         seq=seq, steps=steps, warmup=warmup, device=how.device, precision=precision,
         estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
-        shard=how.shard, world_size=how.world_size,
+        shard=how.shard, world_size=how.world_size, model=model,
     )
     check_train_fits(size, spec.batches, seq, precision, spec.device, spec.world_size)
     if how.distributed:
@@ -317,8 +343,12 @@ def plot(run: str, out_path: str | None) -> None:
 @click.option("--out", default=None, help="run folder to create (default results/runs/<UTC>-decode-power)")
 @click.option("--resume", default=None, help="add the missing configurations to this run folder")
 @click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
-def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repeats, min_window_s, max_window_tokens,
-                 device, gpus, shard, idle_s, out, resume, fmt) -> None:
+@click.option("--checkpoint", default=None,
+              help="checkpoint folder or cached Hub repo id: decode its real weights (instead of --size)")
+@click.option("--prompt", default=None, help="prompt text, tokenised with the checkpoint's tokenizer.json")
+@click.pass_context
+def decode_power(ctx, size, arch, weights, graph, batch, prompt_len, new_tokens, repeats, min_window_s, max_window_tokens,
+                 device, gpus, shard, idle_s, out, resume, fmt, checkpoint, prompt) -> None:
     """Decoding speed, latency, memory, power and energy per token for both models."""
     from mmprof.results import check_format
     from mmprof.results.summaries import PAPER_DECODE, decode_summary
@@ -331,10 +361,24 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
 
     check_format(fmt)
     check_environment()
-    sizes = parse_list(size, "size", str)
-    for s in sizes:
-        get_config(s)
     check_device_choice(device, ("auto", "cuda", "cpu"), "decode-power", "decoding is measured, never estimated")
+    prompt_ids = None
+    if checkpoint:
+        folder, arch, cfg = _checkpoint_shape(ctx, checkpoint, arch)
+        sizes = [checkpoint]
+        if prompt is not None:
+            from mmprof.workloads.checkpoint import encode_prompt
+
+            if ctx.get_parameter_source("prompt_len") is not click.core.ParameterSource.DEFAULT:
+                raise UserError("give --prompt or --prompt-len, not both: the prompt's tokens set its length")
+            prompt_ids = tuple(encode_prompt(folder, prompt, cfg.vocab_size))
+            prompt_len = len(prompt_ids)
+    else:
+        if prompt is not None:
+            raise UserError("--prompt needs --checkpoint (a folder with tokenizer.json); random weights take --prompt-len")
+        sizes = parse_list(size, "size", str)
+        for s in sizes:
+            get_config(s)
     how = shard_plan(shard, None, device, gpus, sharded="replicate", estimate_ok=False)
     resolved = how.device
     if resolved == "meta":
@@ -343,6 +387,7 @@ def decode_power(size, arch, weights, graph, batch, prompt_len, new_tokens, repe
         sizes=tuple(sizes), archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
         device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph, max_window_tokens=max_window_tokens,
+        checkpoint=str(folder) if checkpoint else None, prompt_ids=prompt_ids,
     )
     todo = dp.configs(spec)          # refuses unsupported weights or options before anything is written
     check_decode_fits([(c.arch, c.size, c.weights) for c in todo], batch, prompt_len, new_tokens, spec.device)
@@ -389,3 +434,21 @@ def reproduce(quick, device, gpus, preset, out, resume) -> None:
         rows, folder = rp.run(spec, folder, open_writer, argv=sys.argv, bar=bar)
     click.echo(render(claim_table(rows), "table", title=f"paper claims, {rows['measured on'].iloc[0]}"), nl=False)
     click.echo(f"report: {folder / 'report.html'} (and report.md)", err=True)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", default="table", show_default=True, help="table | csv | json | markdown | latex")
+def inspect(checkpoint: str, fmt: str) -> None:
+    """A checkpoint's shape, parameter count and packed size, and per BitLinear its ternary zero
+    fraction and scale."""
+    import pandas as pd
+
+    from mmprof.results import check_format, render
+    from mmprof.workloads.ternary_stats import inspect_checkpoint
+
+    check_format(fmt)
+    summary, layers = inspect_checkpoint(checkpoint)
+    click.echo(render(pd.DataFrame([summary]), fmt, title=checkpoint if fmt == "table" else None), nl=False)
+    if layers:
+        click.echo(render(pd.DataFrame(layers), fmt, title="BitLinear weights" if fmt == "table" else None), nl=False)

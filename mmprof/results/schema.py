@@ -15,7 +15,7 @@ COMMON_TAIL = {"note": "free text: why values are empty, the error message, or f
 SPEC_COLUMNS: dict[str, dict[str, str]] = {
     "train-memory": {
         "arch": "mmfree | transformer",
-        "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b)",
+        "size": "size preset (tiny, 370m, 1.3b, 2.7b, 13b), or the --checkpoint given",
         "bitlinear": "vanilla | ref-fused | fused | naive: the BitLinear implementation of the whole model "
                      "(README table; empty for transformer)",
         "batch": "sequences per step",
@@ -34,7 +34,7 @@ SPEC_COLUMNS: dict[str, dict[str, str]] = {
     },
     "decode-power": {
         "arch": "mmfree | transformer",
-        "size": "size preset",
+        "size": "size preset, or the --checkpoint given (folder or Hub repo id)",
         "weights": "fake-quant | packed | bf16",
         "batch": "sequences decoded together",
         "prompt_len": "prompt tokens per sequence",
@@ -127,6 +127,7 @@ METRIC_COLUMNS: dict[str, dict[str, str]] = {
         "bytes_per_step_gib": "weight bytes a decode step reads (every weight but the embedding table, plus one embedding row per sequence), GiB",
         "bandwidth_gbps": "bytes_per_step_gib times steps per second, GB/s",
         "bandwidth_frac": "bandwidth_gbps over the GPU's measured copy bandwidth",
+        "ternary_zero_frac": "MatMul-free --checkpoint: fraction of BitLinear weights quantised to 0 (mmprof inspect: per BitLinear)",
         **_HOST,
     },
     "profiler-check": {

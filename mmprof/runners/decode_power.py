@@ -25,7 +25,8 @@ from mmprof.profiler import (
     synchronize,
 )
 from mmprof.runners.sweep import guarded, pending, release_memory
-from mmprof.workloads import PackedMMFreeLM, build_model, make_decoder, streamed_bytes, weight_bytes
+from mmprof.workloads import PackedMMFreeLM, build_model, load_checkpoint, make_decoder, streamed_bytes, weight_bytes
+from mmprof.workloads.ternary_stats import ternary_stats, zero_fraction
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
 SWEPT = {"sizes", "archs"}   # spec lists a --resume may extend
@@ -47,6 +48,8 @@ class DecodeSpec:
     sample_hz: float = 100.0
     seed: int = 0
     graph: bool | None = None      # CUDA graph per decode step; None: on CUDA devices
+    checkpoint: str | None = None  # a checkpoint folder: its real weights are decoded (sizes: its name)
+    prompt_ids: tuple[int, ...] | None = None   # a tokenised --prompt (else random ids, prompt_len long)
 
     @property
     def precision(self) -> str:
@@ -126,13 +129,22 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     of generations back to back, each at least min_window_s; idle again. The arithmetic is row_energy's."""
     cuda = spec.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
-    if cfg.weights == "packed":
+    if spec.checkpoint:
+        model = load_checkpoint(spec.checkpoint, spec.device, dtype).eval()
+        if getattr(model, "weights", None) == "packed" and cfg.weights != "packed":
+            raise UserError(f"checkpoint {spec.checkpoint} holds packed weights: decode it with --weights packed")
+    else:
+        model = build_model(cfg.arch, cfg.size, bitlinear="fused", device=spec.device, dtype=dtype).eval()
+    zeros = zero_fraction(ternary_stats(model)) if spec.checkpoint else None   # of the real weights
+    if cfg.weights == "packed" and not isinstance(model, PackedMMFreeLM):
         model = PackedMMFreeLM.from_model(model)   # the bf16 weights are freed before anything is measured
         release_memory(spec.device)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
+    if spec.prompt_ids is not None:
+        prompt = torch.tensor([list(spec.prompt_ids)] * spec.batch, dtype=torch.long, device=spec.device)
+    else:
+        prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
     dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
     per_generation = spec.new_tokens * spec.batch
     max_calls = -(-spec.max_window_tokens // per_generation) if spec.max_window_tokens else None
@@ -159,7 +171,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
         "n_tokens_measured": sum(n for _, n in windows) * per_generation,
         "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
-        "peak_reserved_gib": whole.measurement.peak_reserved_gib,
+        "peak_reserved_gib": whole.measurement.peak_reserved_gib, "ternary_zero_frac": zeros,
         **energy,
     }
     if cuda:

@@ -12,7 +12,8 @@ from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tenso
 from mmprof.results.schema import columns
 from mmprof.runners.options import fit_note, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
-from mmprof.workloads import TrainSpec, get_config, make_trainer, model_flops_per_token
+from mmprof.workloads import ModelConfig, TrainSpec, make_trainer, model_flops_per_token
+from mmprof.workloads.build import resolve_config
 from mmprof.workloads.checkpointing import apply_checkpointing
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "checkpointing", "device", "shard",
@@ -40,6 +41,7 @@ class TrainMemorySpec:
     checkpointings: tuple[str, ...] = ("none",)   # none | layer (each block recomputed in backward)
     shard: str = "none"           # none | fsdp (FSDP2 under torchrun, or its per-rank estimate on meta)
     world_size: int = 1           # processes of the job (the estimate's N on meta)
+    model: ModelConfig | None = None   # the shape of --checkpoint (then `size` is its name)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def configs(spec: TrainMemorySpec) -> list[Config]:
 
 
 def _train_spec(cfg: Config, spec: TrainMemorySpec) -> TrainSpec:
-    return TrainSpec(arch=cfg.arch, size=spec.size, bitlinear=cfg.bitlinear or "fused", batch=cfg.batch,
+    return TrainSpec(arch=cfg.arch, size=spec.model or spec.size, bitlinear=cfg.bitlinear or "fused", batch=cfg.batch,
                      seq=spec.seq, precision=spec.precision)
 
 
@@ -162,7 +164,7 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     })
     tflops = gpu_peak_tflops(spec.gpu_name, spec.peak_tflops) if cuda else spec.peak_tflops
     if tflops:
-        flops = model_flops_per_token(get_config(spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
+        flops = model_flops_per_token(resolve_config(spec.model or spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
         row["mfu"] = flops / (tflops * 1e12)
     energy = energy_columns(m, timing.n, tokens, spec.min_window_s)
     if not cuda:

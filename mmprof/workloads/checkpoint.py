@@ -1,8 +1,10 @@
-"""Checkpoint folders: config.json plus *.safetensors.
+"""Checkpoint folders: config.json plus weights (model.safetensors, shards named by
+model.safetensors.index.json, or pytorch_model.bin where there are no safetensors).
 
 MatMul-free models use the reference HGRNBit config keys (model_type "hgrn_bit"); Transformer++ uses
-Hugging Face LlamaConfig keys (model_type "llama"). Parameter names are the models' own, which are
-the reference's and Hugging Face's, so published folders load without renaming.
+Hugging Face LlamaConfig keys (model_type "llama"); `config_json` reads and writes them. Parameter
+names are the models' own, which are the reference's and Hugging Face's, so published folders load
+without renaming. A folder may also be named by a Hub repo id already in the local cache.
 """
 
 from __future__ import annotations
@@ -18,51 +20,96 @@ from safetensors.torch import save_file
 from mmprof.errors import UserError
 from mmprof.workloads.build import build_model
 from mmprof.workloads.packed import PackedMMFreeLM
-from mmprof.workloads.presets import ModelConfig, glu_intermediate_size
+from mmprof.workloads.config_json import (
+    PACKED_QUANTIZATION,
+    config_dtype,
+    config_from_json,
+    config_to_json_llama,
+    config_to_json_mmfree,
+)
+from mmprof.workloads.presets import ModelConfig
+
+__all__ = ["PACKED_QUANTIZATION", "config_from_json", "config_to_json", "load_checkpoint", "read_config",
+           "resolve_checkpoint", "save_checkpoint", "weight_files"]
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TORCH_FILE, TORCH_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older HF Llama checkpoints carry
 _LIST_LIMIT = 20
-# config.json's "quantization_config" of a packed MatMul-free checkpoint (layout: kernels/ternary_pack.py)
-PACKED_QUANTIZATION = {"quant_method": "mmprof-ternary-2bit", "weights_per_int32": 16, "scale": "per tensor, fp32"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def config_to_json_mmfree(cfg: ModelConfig, dtype: str) -> dict:
-    return {
-        "model_type": "hgrn_bit", "architectures": ["HGRNBitForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers, "intermediate_size": cfg.intermediate_size,
-        "num_heads": cfg.num_heads, "expand_ratio": 1, "attn_mode": "fused_recurrent",
-        "use_short_conv": False, "conv_size": 4, "share_conv_kernel": True,
-        "use_lower_bound": cfg.use_lower_bound, "hidden_ratio": 4, "hidden_act": "swish",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
-        "use_cache": True, "tie_word_embeddings": False, "initializer_range": 0.02,
-        "fuse_cross_entropy": True, "torch_dtype": dtype,
-    }  # fmt: skip
-
-
 def config_to_json(model: nn.Module) -> dict:
     cfg: ModelConfig = model.config
     dtype = _dtype_name(next(model.parameters()).dtype)
     if getattr(model, "weights", None) == "packed":
-        return {**config_to_json_mmfree(cfg, dtype), "quantization_config": PACKED_QUANTIZATION}
+        return config_to_json_mmfree(cfg, dtype, packed=True)
     if model.arch == "mmfree":
         return config_to_json_mmfree(cfg, dtype)
-    return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_scaling": None, "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": 0.02, "torch_dtype": dtype,
-    }  # fmt: skip
+    return config_to_json_llama(cfg, dtype)
+
+
+def resolve_checkpoint(ref: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A checkpoint folder: `ref` itself when it is a local path, else a Hugging Face Hub repo id
+    looked up in the local cache only (`huggingface_hub`, local_files_only: nothing is downloaded)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"checkpoint {ref} is a file; give the folder that holds config.json")
+        return path
+    text = str(ref)
+    parts = text.split("/")
+    if text.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
+        raise UserError(f"checkpoint {ref}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise UserError(f"checkpoint {ref}: no such folder (Hub repo ids need `pip install huggingface_hub`)") from exc
+    try:
+        return Path(snapshot_download(text, local_files_only=True, cache_dir=cache_dir))
+    except Exception as exc:  # LocalEntryNotFoundError, or a malformed repo id (HFValidationError)
+        raise UserError(
+            f"checkpoint {ref}: no such folder, and not in the local Hugging Face cache "
+            f"(download it first, e.g. `hf download {text}`; mmprof never downloads): {type(exc).__name__}"
+        ) from exc
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files to read: the shards an index names, else every *.safetensors, else
+    pytorch_model.bin (or its shards), read with torch.load(weights_only=True)."""
+    for index_name in (INDEX_FILE, TORCH_INDEX_FILE):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{index}: not a weight index (no weight_map): {exc}") from exc
+            files = sorted({folder / name for name in weight_map.values()})
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise UserError(_listed(f"{index}: shards not found", absent))
+            return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if (folder / TORCH_FILE).is_file():
+        return [folder / TORCH_FILE]
+    raise UserError(f"no *.safetensors files (nor {TORCH_FILE}) in {folder}")
+
+
+def _torch_file(path: Path) -> dict:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle and zip errors of a damaged or non-weights file
+        raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"cannot read {path}: it does not hold a dict of tensors")
+    return state
 
 
 def _require(data: dict, keys: tuple[str, ...], where: str) -> None:
@@ -71,56 +118,13 @@ def _require(data: dict, keys: tuple[str, ...], where: str) -> None:
         raise UserError(f"{where}: missing keys {', '.join(missing)}")
 
 
-def _unsupported(where: str, problems: list[str]) -> None:
-    if problems:
-        raise UserError(f"{where}: unsupported settings: {'; '.join(problems)}")
-
-
-def config_from_json(data: dict, where: str = "config.json") -> tuple[str, ModelConfig]:
-    """(arch, ModelConfig) from a reference HGRNBit or Hugging Face Llama config."""
-    kind = data.get("model_type")
-    if kind == "hgrn_bit":
-        _require(data, ("vocab_size", "hidden_size", "num_hidden_layers"), where)
-        _unsupported(where, [
-            text for bad, text in (
-                (data.get("expand_ratio", 1) not in (1, None), f"expand_ratio {data.get('expand_ratio')}"),
-                (bool(data.get("use_short_conv")), "use_short_conv true"),
-                (bool(data.get("tie_word_embeddings")), "tie_word_embeddings true"),
-                (data.get("hidden_act", "swish") not in ("swish", "silu"), f"hidden_act {data.get('hidden_act')}"),
-            ) if bad
-        ])  # fmt: skip
-        hidden = data["hidden_size"]
-        intermediate = data.get("intermediate_size") or glu_intermediate_size(hidden, data.get("hidden_ratio") or 4)
-        return "mmfree", ModelConfig(
-            vocab_size=data["vocab_size"], hidden_size=hidden, num_layers=data["num_hidden_layers"],
-            intermediate_size=intermediate, num_heads=data.get("num_heads") or 1,
-            rms_norm_eps=data.get("rms_norm_eps", 1e-6), max_seq_len=data.get("max_position_embeddings", 2048),
-            use_lower_bound=data.get("use_lower_bound", True),
-        )  # fmt: skip
-    if kind == "llama":
-        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        _require(data, keys, where)
-        heads = data["num_attention_heads"]
-        kv_heads = data.get("num_key_value_heads")
-        head_dim = data.get("head_dim")
-        _unsupported(where, [
-            text for bad, text in (
-                (data.get("rope_scaling") is not None, "rope_scaling"),
-                (bool(data.get("attention_bias")), "attention_bias true"),
-                (bool(data.get("mlp_bias")), "mlp_bias true"),
-                (data.get("hidden_act", "silu") != "silu", f"hidden_act {data.get('hidden_act')}"),
-                (head_dim is not None and head_dim * heads != data["hidden_size"], f"head_dim {head_dim}"),
-            ) if bad
-        ])  # fmt: skip
-        return "transformer", ModelConfig(
-            vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
-            num_layers=data["num_hidden_layers"], intermediate_size=data["intermediate_size"],
-            num_heads=heads, num_kv_heads=kv_heads if kv_heads and kv_heads != heads else None,
-            rms_norm_eps=data.get("rms_norm_eps", 1e-6), rope_theta=data.get("rope_theta", 10000.0),
-            max_seq_len=data.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        )  # fmt: skip
-    raise UserError(f"{where}: model_type {kind!r} is not supported; expected 'hgrn_bit' or 'llama'")
+def read_config(folder: str | Path) -> tuple[str, ModelConfig, dict]:
+    """(arch, ModelConfig, the raw config.json) of a checkpoint folder."""
+    folder = Path(folder)
+    data = _read_config(folder)
+    _require(data, ("model_type",), str(folder / "config.json"))
+    arch, cfg = config_from_json(data, str(folder / "config.json"))
+    return arch, cfg, data
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path) -> Path:
@@ -194,27 +198,28 @@ def load_checkpoint(
     *,
     bitlinear: str = "fused",
 ) -> nn.Module:
-    """Load a checkpoint folder; arch from config.json; dtype None = the config's torch_dtype (else fp32).
-    A packed MatMul-free checkpoint (config "quantization_config") loads as a `PackedMMFreeLM`."""
-    folder = Path(folder)
-    data = _read_config(folder)
-    arch, cfg = config_from_json(data, str(folder / "config.json"))
-    dtype = dtype or _DTYPE_NAMES.get(data.get("torch_dtype"), torch.float32)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no *.safetensors files in {folder}")
+    """Load a checkpoint folder (or a cached Hub repo id); arch from config.json; dtype None = the
+    config's `dtype`/`torch_dtype` (else fp32). A packed MatMul-free checkpoint (config
+    "quantization_config") loads as a `PackedMMFreeLM`."""
+    folder = resolve_checkpoint(folder)
+    arch, cfg, data = read_config(folder)
+    dtype = dtype or _DTYPE_NAMES.get(config_dtype(data), torch.float32)
+    files = weight_files(folder)
     quant = data.get("quantization_config")
-    if quant is not None and quant != PACKED_QUANTIZATION:
-        raise UserError(f"{folder / 'config.json'}: quantization_config {quant} is not mmprof's packed ternary format")
 
     if quant is not None:  # packed weights keep their stored dtypes; only the embedding takes `dtype`
         model = PackedMMFreeLM(cfg, device="meta", embed_dtype=dtype)
     else:
         model = build_model(arch, cfg, bitlinear=bitlinear, device="meta", dtype=dtype)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    skipped = _IGNORED_SUFFIXES + (("lm_head.weight",) if cfg.tie_word_embeddings else ())  # tied: the table's
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    found = {n: v for n, v in _index_files(files).items() if not n.endswith(_IGNORED_SUFFIXES)}
+    pickled = {path: _torch_file(path) for path in files if path.suffix == ".bin"}
+    found = _index_files([f for f in files if f not in pickled])
+    for path, state in pickled.items():
+        found.update({name: (path, tuple(t.shape)) for name, t in state.items()})
+    found = {n: v for n, v in found.items() if not n.endswith(skipped)}
     _check_tensors(folder, arch, expected, found)
 
     device = torch.device(device)
@@ -222,16 +227,42 @@ def load_checkpoint(
         return model
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+
+    def take(name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t.to(dtype) if quant is None or name == "embeddings.weight" else t
+
     tensors = {}
     for path in files:
+        if path in pickled:
+            tensors.update({n: take(n, t) for n, t in pickled[path].items() if n in expected})
+            continue
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            for name in handle.keys():
-                if name in expected:
-                    t = handle.get_tensor(name)
-                    tensors[name] = t.to(dtype) if quant is None or name == "embeddings.weight" else t
+            tensors.update({n: take(n, handle.get_tensor(n)) for n in handle.keys() if n in expected})
     if cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def encode_prompt(folder: str | Path, text: str, vocab_size: int) -> list[int]:
+    """`text` as token ids through the folder's tokenizer.json (the `tokenizers` library; its
+    post-processor adds the special tokens the model was trained with, e.g. Llama's BOS)."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"no tokenizer.json in {folder}: --prompt needs the checkpoint's tokenizer")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise UserError("--prompt needs the tokenizers library: pip install tokenizers") from exc
+    try:
+        ids = Tokenizer.from_file(str(path)).encode(text).ids
+    except Exception as exc:  # the Rust library raises a plain Exception for a malformed file
+        raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    if not ids:
+        raise UserError(f"--prompt {text!r} gives no tokens with {path}")
+    if max(ids) >= vocab_size:
+        raise UserError(f"{path} gives token id {max(ids)}, outside the model's vocab_size {vocab_size}")
+    return ids

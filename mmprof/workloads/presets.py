@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmprof.errors import UserError
 
@@ -35,12 +35,16 @@ class ModelConfig:
     # naive, see kernels/bitlinear.py) and its norm eps; None: the eps of the reference class it mirrors
     bitlinear: str = "fused"
     bitlinear_eps: float | None = None
+    attn_head_dim: int | None = None  # None: hidden_size // num_heads (Llama's head_dim when it differs)
+    # the config.json this shape was read from (JSON text, "" if none): its fields that mmprof does
+    # not model (token ids, ...) are written back on save; not part of the shape (no compare)
+    source_json: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads"):
             if getattr(self, name) < 1:
                 raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
+        if self.attn_head_dim is None and self.hidden_size % self.num_heads:
             raise UserError(f"model config: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         from mmprof.kernels.bitlinear import IMPLS
 
@@ -58,7 +62,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attn_head_dim or self.hidden_size // self.num_heads
 
     @property
     def kv_heads(self) -> int:

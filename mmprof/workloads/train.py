@@ -13,7 +13,7 @@ import torch
 from mmprof.errors import UserError
 from mmprof.workloads.build import build_model, resolve_config
 from mmprof.workloads.precision import check_precision, forward_context, param_dtype
-from mmprof.workloads.presets import ModelConfig, check_arch, get_config
+from mmprof.workloads.presets import ModelConfig, check_arch
 
 Phase = Callable[[str], ContextManager]
 TOKEN_FILE_DTYPES = {".bin": np.uint16, ".u16": np.uint16, ".uint16": np.uint16, ".i32": np.int32, ".int32": np.int32}
@@ -22,7 +22,7 @@ TOKEN_FILE_DTYPES = {".bin": np.uint16, ".u16": np.uint16, ".uint16": np.uint16,
 @dataclass(frozen=True)
 class TrainSpec:
     arch: str
-    size: str
+    size: str | ModelConfig   # a preset name, or a shape (e.g. a checkpoint's)
     bitlinear: str = "fused"
     batch: int = 1
     seq: int = 2048
@@ -107,7 +107,7 @@ class Trainer:
             raise UserError(f"training needs batch >= 1 and seq >= 2; got batch {spec.batch}, seq {spec.seq}")
         self.spec = spec
         self.device = torch.device(device)
-        self.config = get_config(spec.size)
+        self.config = resolve_config(spec.size)
         self.model = build_model(
             spec.arch, self.config, bitlinear=spec.bitlinear, device=self.device,
             dtype=param_dtype(spec.precision), seed=spec.seed,

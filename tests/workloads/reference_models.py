@@ -67,21 +67,25 @@ def _rope(x, theta):
 
 def transformer_logits(sd, cfg, ids):
     batch, steps = ids.shape
-    heads, hd, eps = cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.rms_norm_eps
+    heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
+    kv_heads = cfg.num_kv_heads or heads  # grouped-query attention: each kv head serves heads // kv_heads
     x = sd["model.embed_tokens.weight"][ids]
     causal = torch.ones(steps, steps, dtype=torch.bool).tril()
     for n in range(cfg.num_layers):
         p = f"model.layers.{n}."
         h = rms(x, sd[p + "input_layernorm.weight"], eps)
 
-        def proj(name):
-            return (h @ sd[p + f"self_attn.{name}.weight"].t()).view(batch, steps, heads, hd).transpose(1, 2)
+        def proj(name, n_heads):
+            out = (h @ sd[p + f"self_attn.{name}.weight"].t()).view(batch, steps, n_heads, hd).transpose(1, 2)
+            return out.repeat_interleave(heads // n_heads, dim=1)
 
-        q, k, v = _rope(proj("q_proj"), cfg.rope_theta), _rope(proj("k_proj"), cfg.rope_theta), proj("v_proj")
+        q = _rope(proj("q_proj", heads), cfg.rope_theta)
+        k, v = _rope(proj("k_proj", kv_heads), cfg.rope_theta), proj("v_proj", kv_heads)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         x = x + attn.transpose(1, 2).reshape(batch, steps, -1) @ sd[p + "self_attn.o_proj.weight"].t()
         h = rms(x, sd[p + "post_attention_layernorm.weight"], eps)
         gate = F.silu(h @ sd[p + "mlp.gate_proj.weight"].t()) * (h @ sd[p + "mlp.up_proj.weight"].t())
         x = x + gate @ sd[p + "mlp.down_proj.weight"].t()
-    return rms(x, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].t()
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])  # tied: the embedding table
+    return rms(x, sd["model.norm.weight"], eps) @ head.t()
