@@ -23,6 +23,8 @@ reference that tests compare this against.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmprof.profiler import CATEGORIES
+from mmprof.profiler import CATEGORIES, fake_tensor_mode
 from mmprof.profiler.timeline import ROOT, Timeline, TimelineTracker
 from mmprof.workloads import TrainSpec, make_trainer
 from mmprof.workloads.checkpointing import apply_checkpointing
@@ -130,10 +132,19 @@ def _labels(model: nn.Module, tracker: TimelineTracker):
 
 
 def trace(shape: Shape, batch: int, blocks: int) -> Timeline:
-    """The tagged timeline of one steady-state training step with `blocks` blocks, on meta tensors."""
+    """The tagged timeline of one steady-state training step with `blocks` blocks, on meta tensors
+    (on fake 'cpu' tensors with activation checkpointing: the recomputation in backward needs real
+    autocast, which torch.utils.checkpoint restores and which meta does not have)."""
+    if shape.checkpointing == "none":
+        return _trace_on(shape, batch, blocks, "meta")
+    with fake_tensor_mode():
+        return _trace_on(shape, batch, blocks, "cpu")
+
+
+def _trace_on(shape: Shape, batch: int, blocks: int, device: str) -> Timeline:
     cfg = shape.config.replace(num_layers=blocks)
     trainer = make_trainer(TrainSpec(arch=shape.arch, size="custom", bitlinear=shape.bitlinear, batch=batch,
-                                     seq=shape.seq, precision=shape.precision, config=cfg), "meta")
+                                     seq=shape.seq, precision=shape.precision, config=cfg), device)
     model, opt = trainer.model, trainer.optimizer
     apply_checkpointing(model, shape.checkpointing)
     for p in model.parameters():                  # the optimizer's state, as a first step leaves it
@@ -152,9 +163,38 @@ def timelines(shape: Shape) -> tuple[Timeline, Timeline, int]:
     blocks = min(TRACED_BLOCKS, shape.config.num_layers)
     key = (shape, blocks)
     if key not in _CACHE:
-        _CACHE[key] = (trace(shape, 1, blocks), trace(shape, 2, blocks))
+        _CACHE[key] = _trace_pair(shape, blocks)
     one, two = _CACHE[key]
     return one, two, blocks
+
+
+def _trace_pair(shape: Shape, blocks: int) -> tuple[Timeline, Timeline]:
+    """Batch 1 here and batch 2 in a forked child at the same time, where there is a second core and
+    no CUDA context (a fork must not inherit one); one after the other otherwise."""
+    if (os.cpu_count() or 1) < 2 or torch.cuda.is_initialized() or not hasattr(os, "fork"):
+        return trace(shape, 1, blocks), trace(shape, 2, blocks)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_trace_into, args=(send, shape, 2, blocks), daemon=True)
+    child.start()
+    send.close()
+    try:
+        one = trace(shape, 1, blocks)
+        ok, two = receive.recv()
+    finally:
+        child.join()
+    if not ok:
+        raise RuntimeError(f"tracing batch 2 failed: {two}")
+    return one, two
+
+
+def _trace_into(send, shape: Shape, batch: int, blocks: int) -> None:
+    try:
+        send.send((True, trace(shape, batch, blocks)))
+    except BaseException as e:  # the parent raises it
+        send.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
 
 
 def _runs(tags: np.ndarray) -> list[tuple[int, int, int]]:
