@@ -240,7 +240,14 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--gpus", default=None, help="GPU index (default 0)")
 @click.option("--precision", type=click.Choice(["bf16-autocast", "bf16", "fp32"]), default="bf16-autocast",
               show_default=True)
-@click.option("--estimate", is_flag=True, help="on a GPU, add the no-GPU estimate and its error")
+@click.option("--estimate", type=click.Choice(["fast", "full"]), is_flag=False, flag_value="fast", default=None,
+              help="on a GPU, add the no-GPU estimate and its error; with no GPU, how it is made: fast "
+                   "(default: three blocks traced, composed) or full (the whole step traced)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override the size's shape: layers, hidden, intermediate, heads, kv_heads, vocab (repeatable)")
+@click.option("--breakdown", is_flag=True,
+              help="print what is alive at each row's peak: parameters, gradients, optimizer state, "
+                   "activations by module kind (GiB and bytes per token per layer)")
 @click.option("--checkpointing", default="none", show_default=True,
               help="none,layer: activation checkpointing of every block (a list sweeps both)")
 @click.option("--shard", type=click.Choice(["none", "fsdp"]), default="none", show_default=True,
@@ -258,8 +265,8 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--checkpoint", default=None,
               help="checkpoint folder or cached Hub repo id: its config.json sets the shape (instead of --size)")
 @click.pass_context
-def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate,
-                 checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt,
+def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, gpus, precision, estimate, overrides,
+                 breakdown, checkpointing, shard, world_size, min_window_s, idle_s, peak_tflops, out, resume, fmt,
                  checkpoint) -> None:
     """Training memory, time and energy: the BitLinear implementations vs Transformer++."""
     from mmprof.results import check_format
@@ -271,6 +278,7 @@ def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, 
     from mmprof.runners.sweep import parse_list, positive_int
     from mmprof.workloads import get_config
     from mmprof.workloads.checkpointing import CHECKPOINTING
+    from mmprof.workloads.overrides import parse_overrides
 
     check_format(fmt)
     check_environment()
@@ -291,7 +299,8 @@ def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, 
         bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("vanilla", "ref-fused", "fused", "naive"))),
         batches=tuple(parse_list(batch, "batch", positive_int)),
         seq=seq, steps=steps, warmup=warmup, device=how.device, precision=precision,
-        estimate=estimate, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
+        estimate=estimate is not None, estimate_method=estimate or "fast", overrides=parse_overrides(overrides),
+        breakdown=breakdown, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
         shard=how.shard, world_size=how.world_size, model=model,
     )
@@ -301,9 +310,38 @@ def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, 
 
         return _sweep_job(how, Runner, spec, "train-memory", out, resume,
                           (f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN), tm.SWEPT)
+    tm.model_config(spec)            # a bad --set shape fails before a run folder is made
     writer = _open_writer("train-memory", out, resume, spec.device, spec, tm.SWEPT)
     spec = dataclasses.replace(spec, gpu_name=writer.meta.get("gpu"))
-    _sweep(writer, tm, spec, f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN)
+    parts = _BreakdownWriter(writer) if breakdown else writer
+    _sweep(parts, tm, spec, f"train-memory {size}", fmt, train_memory_summary, PAPER_TRAIN)
+    if breakdown:
+        from mmprof.results import render
+        from mmprof.results.breakdown import breakdown_table
+
+        click.echo(render(breakdown_table(parts.parts), "table", title="at the peak (bytes/token/layer)"), nl=False)
+
+
+class _BreakdownWriter:
+    """The run folder's writer, keeping each row's `_breakdown` aside (it is printed, not written)."""
+
+    def __init__(self, writer):
+        self._writer, self.parts = writer, []
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def append(self, row: dict) -> None:
+        part = row.pop("_breakdown", None)
+        if part is not None:
+            self.parts.append((_row_label(row), part))
+        self._writer.append(row)
+
+
+def _row_label(row: dict) -> str:
+    impl = f"-{row['bitlinear']}" if row.get("bitlinear") else ""
+    ckpt = " ckpt" if row.get("checkpointing", "none") != "none" else ""
+    return f"{row['arch']}{impl}{ckpt} b{row['batch']}"
 
 
 @main.command()

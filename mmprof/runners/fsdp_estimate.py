@@ -31,7 +31,8 @@ import math
 import torch
 
 from mmprof.profiler import GIB, MemoryTracker, fake_tensor_mode
-from mmprof.workloads import TrainSpec, build_model, get_config, make_trainer
+from mmprof.workloads import TrainSpec, build_model, make_trainer
+from mmprof.workloads.build import resolve_config
 from mmprof.workloads.checkpointing import apply_checkpointing
 from mmprof.workloads.precision import param_dtype
 
@@ -64,7 +65,7 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def sharded_state(arch: str, size: str, bitlinear: str, precision: str, world: int) -> dict:
     """Per-rank bytes of parameter shards, AdamW state, and unsharded root/block sizes (compute dtype)."""
-    model = build_model(arch, get_config(size), bitlinear=bitlinear or "fused", device="meta")
+    model = build_model(arch, resolve_config(size), bitlinear=bitlinear or "fused", device="meta")
     master = torch.empty((), dtype=param_dtype(precision)).element_size()
     comp = torch.empty((), dtype=compute_dtype(precision)).element_size()
     params = list(model.parameters())
@@ -91,8 +92,8 @@ def fwd_bwd_peak(arch: str, size: str, bitlinear: str, precision: str, batch: in
     gradients, plus the shards of the gradients made so far. Returns bytes beyond the parameters
     (`value`), the activations and temporaries within it, and f."""
     compute_precision = "fp32" if precision == "fp32" else "bf16"
-    tspec = TrainSpec(arch=arch, size=size, bitlinear=bitlinear or "fused", batch=batch, seq=seq,
-                      precision=compute_precision)
+    tspec = TrainSpec(arch=arch, size=str(size), bitlinear=bitlinear or "fused", batch=batch, seq=seq,
+                      precision=compute_precision, config=resolve_config(size))
     master = torch.empty((), dtype=param_dtype(precision)).element_size()
     best = {"value": -1, "act": 0, "temp": 0, "frac": 0.0, "stage": "forward"}
     with fake_tensor_mode():
@@ -131,9 +132,12 @@ def fwd_bwd_peak(arch: str, size: str, bitlinear: str, precision: str, batch: in
 
 def estimate_sharded(cfg, spec) -> dict:
     """The train-memory row of a sharded estimate (cfg: train_memory.Config, spec: TrainMemorySpec)."""
+    from mmprof.runners.train_memory import model_config
+
     n = spec.world_size
-    state = sharded_state(cfg.arch, spec.size, cfg.bitlinear, spec.precision, n)
-    fb = fwd_bwd_peak(cfg.arch, spec.size, cfg.bitlinear, spec.precision, cfg.batch, spec.seq,
+    shape = model_config(spec)
+    state = sharded_state(cfg.arch, shape, cfg.bitlinear, spec.precision, n)
+    fb = fwd_bwd_peak(cfg.arch, shape, cfg.bitlinear, spec.precision, cfg.batch, spec.seq,
                       cfg.checkpointing, n)
     act, temp, frac = fb["act"], fb["temp"], fb["frac"]
     p, o = state["param"], state["optim"]

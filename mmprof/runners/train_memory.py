@@ -42,6 +42,9 @@ class TrainMemorySpec:
     shard: str = "none"           # none | fsdp (FSDP2 under torchrun, or its per-rank estimate on meta)
     world_size: int = 1           # processes of the job (the estimate's N on meta)
     model: ModelConfig | None = None   # the shape of --checkpoint (then `size` is its name)
+    estimate_method: str = "fast"   # fast: two-block timelines composed (train_estimate) | full: whole step traced
+    overrides: tuple[tuple[str, int], ...] = ()   # --set key=value on the size's shape
+    breakdown: bool = False       # rows carry `_breakdown` (bytes by part at the peak), not written to the CSV
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,33 @@ def configs(spec: TrainMemorySpec) -> list[Config]:
     return out
 
 
+def model_config(spec: TrainMemorySpec):
+    """The size's shape with the --set overrides applied."""
+    from mmprof.workloads.overrides import apply_overrides
+
+    return apply_overrides(spec.model or get_config(spec.size), spec.overrides)
+
+
 def _train_spec(cfg: Config, spec: TrainMemorySpec) -> TrainSpec:
-    return TrainSpec(arch=cfg.arch, size=spec.model or spec.size, bitlinear=cfg.bitlinear or "fused", batch=cfg.batch,
-                     seq=spec.seq, precision=spec.precision)
+    return TrainSpec(arch=cfg.arch, size=spec.size, bitlinear=cfg.bitlinear or "fused", batch=cfg.batch,
+                     seq=spec.seq, precision=spec.precision, config=model_config(spec))
+
+
+def estimate_fast(cfg: Config, spec: TrainMemorySpec) -> dict:
+    """The estimate from cached two-batch, three-block timelines (runners/train_estimate.py)."""
+    from mmprof.runners.train_estimate import Shape, breakdown, compose
+
+    shape = Shape(cfg.arch, model_config(spec), cfg.bitlinear or "fused", spec.seq, spec.precision, cfg.checkpointing)
+    r = compose(shape, cfg.batch)
+    row = {
+        "peak_alloc_gib": r["peak"] / GIB, "act_mem_gib": (r["peak"] - r["before"]) / GIB,
+        "param_gib": r["end"]["params"] / GIB, "grad_gib": r["max"]["grads"] / GIB,
+        "optim_gib": r["end"]["optim"] / GIB, "tracker_act_gib": r["at_peak"]["activations"] / GIB,
+        "tracker_temp_gib": r["at_peak"]["temporaries"] / GIB, "note": "",
+    }
+    if spec.breakdown:
+        row["_breakdown"] = breakdown(r, cfg.batch * spec.seq, shape.config.num_layers)
+    return row
 
 
 def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
@@ -98,6 +125,8 @@ def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
         from mmprof.runners.fsdp_estimate import estimate_sharded
 
         return estimate_sharded(cfg, spec)
+    if spec.estimate_method == "fast":
+        return estimate_fast(cfg, spec)
     with fake_tensor_mode():
         trainer = make_trainer(_train_spec(cfg, spec), "cpu")
         apply_checkpointing(trainer.model, cfg.checkpointing)
@@ -108,6 +137,13 @@ def estimate(cfg: Config, spec: TrainMemorySpec) -> dict:
     row = _tracker_row(tracker, before)
     row["note"] = tracker_note(tracker)
     return row
+
+
+def full_trace(cfg: Config, spec: TrainMemorySpec) -> dict:
+    """The estimate from the whole step traced on fake tensors (`--estimate full`; the fast path's reference)."""
+    import dataclasses
+
+    return estimate(cfg, dataclasses.replace(spec, estimate_method="full"))
 
 
 def tracker_note(tracker: MemoryTracker) -> str:
@@ -149,7 +185,8 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     with prof.window(cfg.label) as win:
         timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)
     m = win.measurement
-    with MemoryTracker(trainer.model, trainer.optimizer) as tracker:
+    tracker = _measuring_tracker(trainer, spec)
+    with tracker:
         tracker_before = tracker.current_bytes()
         trainer.step()
     tokens = cfg.batch * spec.seq
@@ -164,9 +201,13 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     })
     tflops = gpu_peak_tflops(spec.gpu_name, spec.peak_tflops) if cuda else spec.peak_tflops
     if tflops:
-        flops = model_flops_per_token(resolve_config(spec.model or spec.size), cfg.arch, spec.seq) * row["tokens_per_s"]
+        flops = model_flops_per_token(model_config(spec), cfg.arch, spec.seq) * row["tokens_per_s"]
         row["mfu"] = flops / (tflops * 1e12)
     energy = energy_columns(m, timing.n, tokens, spec.min_window_s)
+    if spec.breakdown:
+        from mmprof.runners.train_estimate import measured_breakdown
+
+        row["_breakdown"] = measured_breakdown(tracker, tokens, trainer.config.num_layers)
     if not cuda:
         m.unavailable.pop("peak_alloc_gib", None)   # the tracker's peak fills it
     notes = [energy.pop("note"), m.note(), tracker_note(tracker)]
@@ -176,6 +217,16 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     row["note"] = _join(*notes)
     del trainer
     return row
+
+
+def _measuring_tracker(trainer, spec: TrainMemorySpec) -> MemoryTracker:
+    """The live-tensor tracker of a measured step; with --breakdown one that keeps its timeline."""
+    if not spec.breakdown:
+        return MemoryTracker(trainer.model, trainer.optimizer)
+    from mmprof.profiler.timeline import TimelineTracker
+    from mmprof.runners.train_estimate import kind_finder
+
+    return TimelineTracker(trainer.model, trainer.optimizer, kind_of=kind_finder(trainer.model))
 
 
 def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),

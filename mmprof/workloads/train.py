@@ -30,6 +30,7 @@ class TrainSpec:
     lr: float = 1e-3
     seed: int = 0
     token_file: str | None = None
+    config: ModelConfig | None = None   # the model's shape; None: the preset `size`
 
 
 class RandomTokens:
@@ -107,7 +108,7 @@ class Trainer:
             raise UserError(f"training needs batch >= 1 and seq >= 2; got batch {spec.batch}, seq {spec.seq}")
         self.spec = spec
         self.device = torch.device(device)
-        self.config = resolve_config(spec.size)
+        self.config = spec.config if spec.config is not None else resolve_config(spec.size)
         self.model = build_model(
             spec.arch, self.config, bitlinear=spec.bitlinear, device=self.device,
             dtype=param_dtype(spec.precision), seed=spec.seed,

@@ -1,0 +1,286 @@
+"""The fast training-memory estimate: trace three blocks at batch 1 and 2, then compose any depth and batch.
+
+A training step of a model whose blocks are alike is, allocation by allocation, the same sequence
+for every block: block k's forward allocates what block 1's does, its backward frees and makes what
+block 1's does, the optimizer walks its parameters alike. So one step is traced on meta tensors
+with only three blocks (block 0 and the last, which may differ, and block 1, which stands for every
+block between), each event of the timeline tagged with the block running (forward hooks on the
+blocks, gradient hooks on their outputs in backward, the owner of the parameter an op touches in the
+optimizer). Repeating block 1's runs of events L-2 times gives the timeline of the L-block step, and
+replaying it gives the peak and what is alive at it (each storage freed in a repeated run was made by
+a block like the one that frees it), exactly as a full trace would, not only the totals.
+
+The timeline is traced at batch 1 and at batch 2: every storage's exact byte count is then a linear
+function of the batch (the sequence of allocations is the same), so every batch of a sweep is one
+replay, with the allocator's 512-byte rounding applied at the batch asked for. Timelines are cached
+per (arch, shape, implementation, sequence, precision, checkpointing) for the whole process.
+
+Generic over the model: the blocks are the model's longest `nn.ModuleList`; nothing here knows which
+BitLinear implementation or architecture it runs. `full_trace` (the whole step on fake tensors) is the
+reference that tests compare this against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmprof.profiler import CATEGORIES, fake_tensor_mode
+from mmprof.profiler.timeline import ROOT, Timeline, TimelineTracker
+from mmprof.workloads import TrainSpec, make_trainer
+from mmprof.workloads.checkpointing import apply_checkpointing
+from mmprof.workloads.memory_kinds import KIND_LABELS, module_kind
+from mmprof.workloads.presets import ModelConfig
+
+BLOCK_BYTES = 512
+TRACED_BLOCKS = 3   # block 0, block 1 (repeated: a block between two blocks), the last block
+_CACHE: dict[tuple, tuple[Timeline, Timeline]] = {}
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    config: ModelConfig
+    bitlinear: str
+    seq: int
+    precision: str
+    checkpointing: str
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's repeated blocks: its longest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks")
+    return max(lists, key=len)
+
+
+def _first_grad_tensor(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.requires_grad else None
+    if isinstance(obj, (list, tuple)):
+        for x in obj:
+            t = _first_grad_tensor(x)
+            if t is not None:
+                return t
+    return None
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def kind_finder(model: nn.Module):
+    """() -> the kind of the innermost module whose method is running (its `self` on the Python stack),
+    so ops called from a module's helper methods (the fused paths) count as that module's."""
+    kinds = {}
+    for name, module in model.named_modules():
+        kind = module_kind(name, module)
+        if kind is not None:
+            kinds[id(module)] = kind
+
+    def find() -> str:
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames[:1] else None
+            if owner is not None and id(owner) in kinds:
+                return kinds[id(owner)]
+            frame = frame.f_back
+        return "other"
+
+    return find
+
+
+@contextlib.contextmanager
+def _labels(model: nn.Module, tracker: TimelineTracker):
+    """Forward hooks setting the tracker's tag to the block running; gradient hooks setting it to the
+    block whose backward starts (and to ROOT after block 0's)."""
+    handles, tags = [], [ROOT]
+
+    def block_hooks(k: int):
+        def pre(module, args):
+            tags.append(k)
+            tracker.set_tag(k)
+            t = _first_grad_tensor(args)
+            if k == 0 and t is not None and not _in_backward():
+                t.register_hook(lambda g: tracker.set_tag(ROOT))
+
+        def post(module, args, out):
+            tags.pop()
+            tracker.set_tag(tags[-1])
+            t = _first_grad_tensor(out)
+            if t is not None and not _in_backward():
+                t.register_hook(lambda g: tracker.set_tag(k))
+
+        return pre, post
+
+    for k, block in enumerate(blocks_of(model)):
+        pre, post = block_hooks(k)
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def trace(shape: Shape, batch: int, blocks: int) -> Timeline:
+    """The tagged timeline of one steady-state training step with `blocks` blocks, on meta tensors
+    (on fake 'cpu' tensors with activation checkpointing: the recomputation in backward needs real
+    autocast, which torch.utils.checkpoint restores and which meta does not have)."""
+    if shape.checkpointing == "none":
+        return _trace_on(shape, batch, blocks, "meta")
+    with fake_tensor_mode():
+        return _trace_on(shape, batch, blocks, "cpu")
+
+
+def _trace_on(shape: Shape, batch: int, blocks: int, device: str) -> Timeline:
+    cfg = shape.config.replace(num_layers=blocks)
+    trainer = make_trainer(TrainSpec(arch=shape.arch, size="custom", bitlinear=shape.bitlinear, batch=batch,
+                                     seq=shape.seq, precision=shape.precision, config=cfg), device)
+    model, opt = trainer.model, trainer.optimizer
+    apply_checkpointing(model, shape.checkpointing)
+    for p in model.parameters():                  # the optimizer's state, as a first step leaves it
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    owners = {id(p): k for k, block in enumerate(blocks_of(model)) for p in block.parameters()}
+    tracker = TimelineTracker(model, opt, owners=owners, kind_of=kind_finder(model))
+    with _labels(model, tracker), tracker:
+        trainer.step()
+    return tracker.timeline()
+
+
+def timelines(shape: Shape) -> tuple[Timeline, Timeline, int]:
+    """Timelines at batch 1 and 2 (cached), and how many blocks they hold."""
+    blocks = min(TRACED_BLOCKS, shape.config.num_layers)
+    key = (shape, blocks)
+    if key not in _CACHE:
+        _CACHE[key] = _trace_pair(shape, blocks)
+    one, two = _CACHE[key]
+    return one, two, blocks
+
+
+def _trace_pair(shape: Shape, blocks: int) -> tuple[Timeline, Timeline]:
+    """Batch 1 here and batch 2 in a forked child at the same time, where there is a second core and
+    no CUDA context (a fork must not inherit one); one after the other otherwise."""
+    if (os.cpu_count() or 1) < 2 or torch.cuda.is_initialized() or not hasattr(os, "fork"):
+        return trace(shape, 1, blocks), trace(shape, 2, blocks)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_trace_into, args=(send, shape, 2, blocks), daemon=True)
+    child.start()
+    send.close()
+    try:
+        one = trace(shape, 1, blocks)
+        ok, two = receive.recv()
+    finally:
+        child.join()
+    if not ok:
+        raise RuntimeError(f"tracing batch 2 failed: {two}")
+    return one, two
+
+
+def _trace_into(send, shape: Shape, batch: int, blocks: int) -> None:
+    try:
+        send.send((True, trace(shape, batch, blocks)))
+    except BaseException as e:  # the parent raises it
+        send.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
+def _runs(tags: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs (start, end, tag) of equal tags."""
+    if len(tags) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(tags)) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(tags)]))
+    return [(int(s), int(e), int(tags[s])) for s, e in zip(starts, ends)]
+
+
+def _compose(tags: np.ndarray, lo: int, hi: int, repeat_tag: int, times: int) -> np.ndarray:
+    """Event indices of [lo, hi) with every run tagged `repeat_tag` repeated `times` times."""
+    pieces = []
+    for s, e, tag in _runs(tags[lo:hi]):
+        idx = np.arange(lo + s, lo + e)
+        pieces.append(np.tile(idx, times) if tag == repeat_tag else idx)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def _check_alike(a: Timeline, b: Timeline) -> None:
+    if (len(a.storage) != len(b.storage) or not np.array_equal(a.storage, b.storage)
+            or not np.array_equal(a.tag, b.tag) or not np.array_equal(a.category, b.category)):
+        raise RuntimeError("the traced step differs between batch 1 and 2; use --estimate full")
+
+
+def compose(shape: Shape, batch: int) -> dict:
+    """Peak of one training step at `batch` and the shape's depth, from the cached three-block timelines.
+
+    Returns bytes: peak, before (alive when the step starts), at_peak by category, max by category,
+    end by category, and activations at the peak by module kind."""
+    one, two, blocks = timelines(shape)
+    _check_alike(one, two)
+    raw = one.raw_bytes + (batch - 1) * (two.raw_bytes - one.raw_bytes)
+    sizes = rounded(raw)
+    times = shape.config.num_layers - blocks + 1
+    middle = 1 if blocks == TRACED_BLOCKS else ROOT - 1     # fewer layers than that: traced in full
+    entry = _compose(one.tag, 0, one.step_start, middle, times)
+    step = _compose(one.tag, one.step_start, len(one.tag), middle, times)
+    return replay(one, sizes, entry, step)
+
+
+def rounded(raw: np.ndarray) -> np.ndarray:
+    return np.where(raw > 0, -(-raw // BLOCK_BYTES) * BLOCK_BYTES, 0)
+
+
+def replay(tl: Timeline, sizes: np.ndarray, entry: np.ndarray, step: np.ndarray) -> dict:
+    """Peak and breakdown of the events `entry` then `step` (indices into tl's events), storages of `sizes` bytes."""
+    order = np.concatenate((entry, step))
+    st = tl.storage[order]
+    delta = sizes[st] * tl.sign[order]
+    cum = np.cumsum(delta)
+    at = int(np.argmax(cum)) if len(cum) else 0
+    before = int(cum[len(entry) - 1]) if len(entry) else 0
+    cats = tl.category[st]
+    ncat = len(CATEGORIES)
+    at_peak = np.bincount(cats[: at + 1], weights=delta[: at + 1], minlength=ncat)
+    end = np.bincount(cats, weights=delta, minlength=ncat)
+    most = [float(np.cumsum(np.where(cats == c, delta, 0)).max(initial=0)) for c in range(ncat)]
+    kinds = sorted(set(tl.kind))
+    kind_idx = np.array([kinds.index(k) for k in tl.kind], dtype=np.int64)[st[: at + 1]]
+    act = cats[: at + 1] == CATEGORIES.index("activations")
+    by_kind = np.bincount(kind_idx[act], weights=delta[: at + 1][act], minlength=len(kinds))
+    return {
+        "peak": int(cum[at]) if len(cum) else 0, "before": before,
+        "at_peak": {c: int(at_peak[i]) for i, c in enumerate(CATEGORIES)},
+        "max": {c: int(most[i]) for i, c in enumerate(CATEGORIES)},
+        "end": {c: int(end[i]) for i, c in enumerate(CATEGORIES)},
+        "activations_by_kind": {k: int(v) for k, v in zip(kinds, by_kind) if v},
+    }
+
+
+def breakdown(result: dict, tokens: int, layers: int) -> dict[str, tuple[int, float]]:
+    """What is alive at the peak: part -> (bytes, bytes per token per layer); activations by module kind."""
+    at = result["at_peak"]
+    parts = {"parameters": at["params"], "gradients": at["grads"], "optimizer state": at["optim"]}
+    for kind, nbytes in sorted(result["activations_by_kind"].items(), key=lambda kv: -kv[1]):
+        parts[f"activations: {KIND_LABELS.get(kind, kind)}"] = nbytes
+    parts["temporaries"] = at["temporaries"]
+    return {k: (v, v / tokens / layers) for k, v in parts.items()}
+
+
+def measured_breakdown(tracker: TimelineTracker, tokens: int, layers: int) -> dict[str, tuple[int, float]]:
+    """The breakdown of a traced step on a real device (the tracker's own timeline, nothing composed)."""
+    tl = tracker.timeline()
+    n = len(tl.tag)
+    result = replay(tl, rounded(tl.raw_bytes), np.arange(tl.step_start), np.arange(tl.step_start, n))
+    return breakdown(result, tokens, layers)
