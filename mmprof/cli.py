@@ -304,7 +304,7 @@ def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, 
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
         shard=how.shard, world_size=how.world_size, model=model,
     )
-    check_train_fits(size, spec.batches, seq, precision, spec.device, spec.world_size)
+    check_train_fits(tm.model_config(spec), spec.batches, seq, precision, spec.device, spec.world_size)
     if how.distributed:
         from mmprof.runners.train_memory_fsdp import Runner
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import device_guard, interpreting, select_backend
-from mmprof.kernels.ternary import matmul_dtype
+from mmprof.kernels.ternary import autocast_off, matmul_dtype
 
 
 def linear_cross_entropy_ref(x, weight, labels, *, ignore_index=-100):
@@ -121,7 +121,7 @@ def _linear_ce_fwd(
     logsumexp = _logsumexp_triton if select_backend(backend, x) == "triton" else _logsumexp_torch
     lse = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
-    with device_guard(x), torch.autocast(x.device.type, enabled=False):
+    with device_guard(x), autocast_off(x.device.type):
         for start, end in _chunks(x.shape[0], chunk_tokens):
             logits = x[start:end] @ weight.T
             logsumexp(logits, lse[start:end])
@@ -156,7 +156,7 @@ def _linear_ce_bwd(
     scale = grad_loss.float() / (labels != ignore_index).sum().clamp(min=1)
     grad_x = torch.empty_like(x)
     grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    with device_guard(x), torch.autocast(x.device.type, enabled=False):
+    with device_guard(x), autocast_off(x.device.type):
         for start, end in _chunks(x.shape[0], chunk_tokens):
             x_c = x[start:end]
             grad_logits = x_c @ weight.T
@@ -233,7 +233,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
         valid = labels != ignore_index
         target = logits.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0].float()
-        with device_guard(logits), torch.autocast(logits.device.type, enabled=False):
+        with device_guard(logits), autocast_off(logits.device.type):
             if triton_rows:
                 _logsumexp_triton(logits, lse)
             else:
@@ -249,7 +249,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         logits, lse, labels = ctx.saved_tensors
         ignore_index, chunk_rows, triton_rows = ctx.options
         scale = grad_loss.float() / (labels != ignore_index).sum().clamp(min=1)
-        with device_guard(logits), torch.autocast(logits.device.type, enabled=False):
+        with device_guard(logits), autocast_off(logits.device.type):
             if triton_rows:
                 _softmax_grad_triton(logits, labels, lse, ignore_index)
             else:

@@ -59,10 +59,17 @@ def check_estimate(estimate: bool, device: str) -> None:
 
 # ----- memory bounds -----
 
-def get_config(size: str):
-    from mmprof.workloads import get_config as preset
+def get_config(size):
+    """The shape of a size preset, a ModelConfig as given, or a --checkpoint's config.json."""
+    from mmprof.workloads import PRESETS, ModelConfig, get_config as preset
 
-    return preset(size)
+    if isinstance(size, ModelConfig):
+        return size
+    if size in PRESETS:
+        return preset(size)
+    from mmprof.workloads.checkpoint import read_config, resolve_checkpoint
+
+    return read_config(resolve_checkpoint(size))[1]
 
 
 def min_params(size: str) -> int:

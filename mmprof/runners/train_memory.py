@@ -12,7 +12,7 @@ from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tenso
 from mmprof.results.schema import columns
 from mmprof.runners.options import fit_note, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
-from mmprof.workloads import ModelConfig, TrainSpec, make_trainer, model_flops_per_token
+from mmprof.workloads import ModelConfig, TrainSpec, get_config, make_trainer, model_flops_per_token
 from mmprof.workloads.build import resolve_config
 from mmprof.workloads.checkpointing import apply_checkpointing
 
@@ -249,7 +249,7 @@ def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[t
         for cfg, row in todo:
             if cfg.impl in stopped:
                 continue
-            unfit = train_unfit(spec.size, cfg.batch, spec.seq, spec.precision, spec.device, spec.world_size)
+            unfit = train_unfit(model_config(spec), cfg.batch, spec.seq, spec.precision, spec.device, spec.world_size)
             row.update({"status": "oom", "note": unfit} if unfit else
                        guarded(lambda: measure(cfg, spec, prof), spec.device))
             if row["status"] == "ok" and spec.estimate:
