@@ -169,7 +169,7 @@ def test_packed_bitlinear_matches_fake_quant_bitlinear(shape, dtype, backend):
     `dtype`; its output is fp32, ours is in x's dtype unless out_dtype says fp32."""
     lead, k, n = shape
     torch.manual_seed(k * 100 + n)
-    layer = BitLinear(k, n, impl="vanilla")
+    layer = BitLinear(k, n, impl="naive")
     with torch.no_grad():
         layer.norm.weight.copy_(1 + 0.3 * torch.randn(k))
         x = (torch.randn(*lead, k) * 2).to(dtype)
