@@ -18,7 +18,7 @@ from mmprof.workloads.presets import ModelConfig
 def _decode_blocks(hidden_size: int) -> dict:
     """Launch shapes of the Triton step's products (kernels.bf16_decode.GemvBlocks by product): for
     the 1.3b, 2.7b and 13b presets (by hidden size) the fastest of scripts/bench_tf_decode.py's sweep
-    on an H200 (results/h200/decode-power/20261203-tfdecode-sweep/bench.txt), else one default."""
+    on an H200 (results/h200/decode-power/20261203-tfdecode-6d51098/bench.txt), else one default."""
     from mmprof.kernels.bf16_decode import GemvBlocks as B
 
     tuned = {
