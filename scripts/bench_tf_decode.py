@@ -29,6 +29,21 @@ SHAPES = [k.GemvBlocks(8, 512, 4, 4), k.GemvBlocks(16, 512, 4, 4), k.GemvBlocks(
           k.GemvBlocks(32, 256, 4, 4), k.GemvBlocks(16, 1024, 8, 3), k.GemvBlocks(4, 1024, 4, 4)]
 
 
+def _wide(cfg) -> dict:
+    """Whole rows of up to 2048 columns a loop step (fewer dependent steps), 256 keys an attention step."""
+    return {"qkv": k.GemvBlocks(8, 2048, 8, 1), "o_proj": k.GemvBlocks(4, 2048, 4, 1),
+            "gate_up": k.GemvBlocks(4, 2048, 8, 1), "down_proj": k.GemvBlocks(4, 2048, 4, 1),
+            "lm_head": k.GemvBlocks(4, 2048, 4, 1), "attend_block": 256}
+
+
+# variants of the Triton step: product name -> launch shape (and "attend_block": keys per attention step)
+VARIANTS = {
+    "wide": _wide,
+    "attend256": lambda cfg: {"attend_block": 256},
+    "attend128": lambda cfg: {"attend_block": 128},
+}
+
+
 def events_s(fn, repeats: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
@@ -127,6 +142,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--with-torch", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the PyTorch step too")
+    ap.add_argument("--variants", default="", help=f"more launch-shape variants: {', '.join(VARIANTS)}")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t0 = time.time()
@@ -144,21 +162,24 @@ def main() -> None:
         max_len = args.prompt_len + args.new_tokens
         with torch.inference_mode():
             eager = eager_greedy(model, prompt, args.new_tokens)
-            variants = [("torch", None), ("triton", None)]
+            variants = [("torch", None), ("triton", None)] if args.with_torch else [("triton", None)]
+            for name in args.variants.split(",") if args.variants else []:
+                variants.append((name, VARIANTS[name](model.config)))
             if args.sweep:
                 sd = model.static_decoder(1, max_len, backend="triton")
                 tuned = sweep(model, sd, args.repeats)
                 print(f"  fastest: {tuned}", flush=True)
                 variants.append(("triton", tuned))
             for backend, blocks in variants:
-                sd = model.static_decoder(1, max_len, backend=backend)
+                sd = model.static_decoder(1, max_len, backend="torch" if backend == "torch" else "triton")
                 if blocks:
+                    sd.attend_block = blocks.pop("attend_block", sd.attend_block)
                     sd.blocks.update(blocks)
                 rate, ids = decode_rate(GraphDecoder(sd), prompt, args.new_tokens, args.repeats)
                 gbps = step_bytes * rate / 1e9
                 same = int((ids == eager).all())
                 first = int((ids != eager).nonzero()[0]) if not same else -1
-                name = backend + ("-tuned" if blocks else "")
+                name = backend + ("-swept" if backend == "triton" and blocks else "")
                 print(f"{size} | {name} | {rate:.1f} | {1e3 / rate:.3f} | {step_bytes / 2**30:.3f} | {gbps:.0f} | "
                       f"{gbps / copy:.3f} | {same} (first differing token {first})", flush=True)
         del model

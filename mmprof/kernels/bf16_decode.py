@@ -244,7 +244,7 @@ def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, out: Tensor
     kv_heads, max_len, head_dim = k_cache.shape
     heads = q.numel() // head_dim
     out = torch.empty_like(q) if out is None else out
-    opts = {} if interpreting() else {"num_warps": 4}
+    opts = {} if interpreting() else {"num_warps": 8 if block_t * head_dim >= 16384 else 4}
     _attend_kernel[(heads,)](q, k_cache, v_cache, out, pos, max_len * head_dim, heads // kv_heads,
                              head_dim**-0.5, HEAD_DIM=head_dim, BLOCK_T=block_t, **opts)
     return out

@@ -15,13 +15,23 @@ from mmprof.errors import UserError
 from mmprof.workloads.layers import ModelOutput, RMSNorm, apply_rotary, lm_loss, rotary_cos_sin
 from mmprof.workloads.presets import ModelConfig
 
-def _decode_blocks() -> dict:
-    """Launch shapes of the Triton step's products (kernels.bf16_decode.GemvBlocks by product)."""
-    from mmprof.kernels.bf16_decode import GemvBlocks
+def _decode_blocks(hidden_size: int) -> dict:
+    """Launch shapes of the Triton step's products (kernels.bf16_decode.GemvBlocks by product): for
+    the 1.3b, 2.7b and 13b presets (by hidden size) the fastest of scripts/bench_tf_decode.py's sweep
+    on an H200 (results/h200/decode-power/20261203-tfdecode-6d51098/bench.txt), else one default."""
+    from mmprof.kernels.bf16_decode import GemvBlocks as B
 
-    return {"qkv": GemvBlocks(rows=16, cols=512), "o_proj": GemvBlocks(rows=8, cols=512),
-            "gate_up": GemvBlocks(rows=16, cols=512, warps=8), "down_proj": GemvBlocks(rows=8, cols=512),
-            "lm_head": GemvBlocks(rows=16, cols=512)}
+    tuned = {
+        2048: {"qkv": B(32, 512, 8), "o_proj": B(16, 512), "gate_up": B(32, 256), "down_proj": B(4, 1024),
+               "lm_head": B(32, 256)},
+        2560: {"qkv": B(8, 512), "o_proj": B(16, 1024, 8, 3), "gate_up": B(16, 512), "down_proj": B(16, 512),
+               "lm_head": B(32, 512, 8)},
+        5120: {"qkv": B(32, 256), "o_proj": B(16, 512), "gate_up": B(8, 512), "down_proj": B(16, 512),
+               "lm_head": B(32, 256)},
+    }
+    default = {"qkv": B(16, 512), "o_proj": B(8, 512), "gate_up": B(16, 512, 8), "down_proj": B(8, 512),
+               "lm_head": B(16, 512)}
+    return dict(tuned.get(hidden_size, default))
 
 
 # SDPA takes keys/values with fewer heads than the queries (`enable_gqa`) from torch 2.5 on
@@ -256,7 +266,8 @@ class TransformerStaticDecoder:
             self.q = torch.empty(cfg.num_heads * cfg.head_dim, device=device, dtype=dtype)
             self.attn_out = torch.empty_like(self.q)
             self.glu_out = torch.empty(cfg.intermediate_size, device=device, dtype=dtype)
-            self.blocks = _decode_blocks()
+            self.blocks = _decode_blocks(cfg.hidden_size)
+            self.attend_block = 64  # keys per step of the attention kernel's loop
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Tensor) -> Tensor:
@@ -308,7 +319,7 @@ class TransformerStaticDecoder:
             k_cache, v_cache = cache.k[n, 0], cache.v[n, 0]
             k.norm_qkv_rope(x, ln1.weight, ln1.eps, self.qkv[n], self.cos_half, self.sin_half, pos,
                             self.q, k_cache, v_cache, heads, blocks["qkv"])
-            k.attend(self.q, k_cache, v_cache, pos, self.attn_out)
+            k.attend(self.q, k_cache, v_cache, pos, self.attn_out, self.attend_block)
             k.gemv(self.attn_out, layer.self_attn.o_proj.weight, x, residual=True, blocks=blocks["o_proj"])
             k.gemv(x, self.gate_up[n], self.glu_out, norm=ln2.weight, eps=ln2.eps, glu=True, blocks=blocks["gate_up"])
             k.gemv(self.glu_out, layer.mlp.down_proj.weight, x, residual=True, blocks=blocks["down_proj"])
