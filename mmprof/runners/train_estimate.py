@@ -207,12 +207,25 @@ def _runs(tags: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(s), int(e), int(tags[s])) for s, e in zip(starts, ends)]
 
 
-def _compose(tags: np.ndarray, lo: int, hi: int, repeat_tag: int, times: int) -> np.ndarray:
-    """Event indices of [lo, hi) with every run tagged `repeat_tag` repeated `times` times."""
+def _compose(tl: Timeline, lo: int, hi: int, repeat_tag: int, times: int) -> np.ndarray:
+    """Event indices of [lo, hi) with every run tagged `repeat_tag` repeated `times` times.
+
+    A storage made in a repeated run and freed in the next block's run needs nothing more: each copy
+    frees what the run before it made, as the template does. One freed in a run outside the blocks
+    (autocast's weight casts, dropped when the forward ends) is freed once per copy there."""
+    born = np.full(len(tl.raw_bytes), ROOT, dtype=np.int64)
+    births = tl.sign > 0
+    born[tl.storage[births]] = tl.tag[births]
     pieces = []
-    for s, e, tag in _runs(tags[lo:hi]):
+    for s, e, tag in _runs(tl.tag[lo:hi]):
         idx = np.arange(lo + s, lo + e)
-        pieces.append(np.tile(idx, times) if tag == repeat_tag else idx)
+        if tag == repeat_tag:
+            pieces.append(np.tile(idx, times))
+        elif tag == ROOT:
+            copies = (tl.sign[idx] < 0) & (born[tl.storage[idx]] == repeat_tag)
+            pieces.append(np.repeat(idx, np.where(copies, times, 1)))
+        else:
+            pieces.append(idx)
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
@@ -233,8 +246,8 @@ def compose(shape: Shape, batch: int) -> dict:
     sizes = rounded(raw)
     times = shape.config.num_layers - blocks + 1
     middle = 1 if blocks == TRACED_BLOCKS else ROOT - 1     # fewer layers than that: traced in full
-    entry = _compose(one.tag, 0, one.step_start, middle, times)
-    step = _compose(one.tag, one.step_start, len(one.tag), middle, times)
+    entry = _compose(one, 0, one.step_start, middle, times)
+    step = _compose(one, one.step_start, len(one.tag), middle, times)
     return replay(one, sizes, entry, step)
 
 

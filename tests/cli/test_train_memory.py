@@ -139,3 +139,18 @@ def test_plot_train_memory(tmp_path):
     r = invoke("plot", str(out), "--out", str(tmp_path / "fig.png"))
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_set_breakdown_and_full_estimate_from_the_cli(tmp_path):
+    args = ["train-memory", "--size", "tiny", "--device", "meta", "--seq", "32", "--batch", "1,2",
+            "--arch", "mmfree", "--set", "layers=5", "--set", "hidden=96"]
+    fast = invoke(*args, "--breakdown", "--out", str(tmp_path / "fast"))
+    assert fast.exit_code == 0, fast.output
+    assert "activations: BitLinear inputs" in fast.output and "bytes/token/layer" in fast.output
+    full = invoke(*args, "--estimate", "full", "--out", str(tmp_path / "full"))
+    assert full.exit_code == 0, full.output
+    a = pd.read_csv(tmp_path / "fast" / "measurements.csv")
+    b = pd.read_csv(tmp_path / "full" / "measurements.csv")
+    assert len(a) == len(b) == 2
+    assert ((a["peak_alloc_gib"] / b["peak_alloc_gib"] - 1).abs() < 5e-3).all()
+    assert_one_line_exit_2(invoke(*args, "--set", "depth=3", "--out", str(tmp_path / "bad")), "--set")

@@ -1,0 +1,70 @@
+"""Wall time of the no-GPU training-memory estimate: the default sweeps of 1.3b and 13b, fast and full.
+
+    python scripts/bench_estimate.py [--sizes 1.3b,13b] [--full-batches 1] [--out results/cpu/bench_estimate.txt]
+
+Each fast run is the CLI itself (`mmprof train-memory --size S --device meta`) in a fresh process, so
+the time includes the interpreter's start and the imports. The full trace of the same sweep is timed
+in a fresh process too, at the batches given (every batch traces the whole step, so the whole sweep's
+full-trace time is the sum over batches; the script reports what it ran). Rows of the fast run are
+compared with the full trace's at the batches both ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+
+def _run(args: list[str]) -> tuple[float, Path]:
+    out = Path(tempfile.mkdtemp(prefix="bench-estimate-")) / "run"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mmprof", "train-memory", *args, "--device", "meta", "--out", str(out),
+                    "--format", "csv"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1.3b,13b")
+    ap.add_argument("--full-batches", default="1", help="batches the full trace is timed at")
+    ap.add_argument("--out", default=None, help="also write the report here")
+    a = ap.parse_args()
+    lines = [f"host: {platform.node()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start",
+             f"python {platform.python_version()}"]
+    for size in a.sizes.split(","):
+        fast_s, fast_dir = _run(["--size", size])
+        full_s, full_dir = _run(["--size", size, "--batch", a.full_batches, "--estimate", "full"])
+        fast = pd.read_csv(fast_dir / "measurements.csv")
+        full = pd.read_csv(full_dir / "measurements.csv")
+        keys = ["arch", "bitlinear", "batch"]
+        both = fast.merge(full, on=keys, suffixes=("_fast", "_full"))
+        err = (both["peak_alloc_gib_fast"] / both["peak_alloc_gib_full"] - 1).abs().max() * 100
+        h200 = Path(f"results/h200/train-memory/20261128-{size}-seq2048/measurements.csv")
+        if h200.is_file():
+            gpu = pd.read_csv(h200)
+            gpu = gpu[gpu["status"] == "ok"]
+            m = fast.merge(gpu, on=keys, suffixes=("_fast", "_h200"))
+            rel = (m["peak_alloc_gib_fast"] / m["peak_alloc_gib_h200"] - 1) * 100
+            worst = rel.abs().idxmax()
+            lines.append(f"{size}: against the H200 rows of {h200} ({len(m)} rows): worst {rel[worst]:+.2f}% "
+                         f"({m.loc[worst, 'arch']} {m.loc[worst, 'bitlinear'] if isinstance(m.loc[worst, 'bitlinear'], str) else ''} "
+                         f"b{m.loc[worst, 'batch']})")
+        lines.append(f"{size}: fast default sweep ({len(fast)} rows) {fast_s:.1f} s wall; full trace of batch "
+                     f"{a.full_batches} ({len(full)} rows) {full_s:.1f} s wall; worst |fast/full - 1| "
+                     f"{err:.4f}% over {len(both)} rows")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
