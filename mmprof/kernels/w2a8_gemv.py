@@ -44,6 +44,7 @@ from torch import Tensor
 from mmprof.kernels import w2a8_gemv_triton as tri
 from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend
 from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
+from mmprof.kernels.mlgru_scan import mlgru_gates
 from mmprof.kernels.ternary_pack import packed_words
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 from mmprof.kernels.w2a8_tuned import TUNED
@@ -312,10 +313,8 @@ def w2a8_gemv_ref(x, norm_weights, packed, w_scales, *, parts=1, shared_quant=Fa
     elif epilogue == "glu":
         out = v = torch.nn.functional.silu(ys[0]) * ys[1]
     else:
-        f = torch.sigmoid(ys[1])
-        if lower_bound is not None:
-            f = lower_bound + (1.0 - lower_bound) * f
-        state.copy_(f * state + torch.nn.functional.silu(ys[0]) * (1.0 - f))
+        forget, inp = mlgru_gates(ys[1], ys[0], lower_bound)
+        state.copy_(forget * state + inp)
         v, gate = ys[2], gate_weight.float() * torch.nn.functional.silu(state)
         out = (v, gate)
     if next_sums is not None:

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmprof.kernels.bitlinear import NORM_EPS, rms_norm
+from mmprof.kernels.mlgru_scan import mlgru_gates, mlgru_scan
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words
 from mmprof.kernels.w2a8_gemm import packed_bitlinear
 from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv
-from mmprof.workloads.mlgru_scan import mlgru_scan
-from mmprof.workloads.mmfree import layer_lower_bounds, mlgru_gates
+from mmprof.workloads.mmfree import layer_lower_bounds
 from mmprof.workloads.presets import ModelConfig
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill pass: bounds the activations of long prompts
