@@ -291,9 +291,9 @@ def test_pinned_configuration_beats_the_tuned_table(monkeypatch):
 
 
 def test_options_are_per_call_and_hashable():
-    pinned = GemvOptions(pins={(64, 32, 1, "residual"): (8, 4, 1)})
-    assert hash(pinned) == hash(GemvOptions(pins=[((64, 32, 1, "residual"), (8, 4, 1))]))
-    assert pinned.smallest_block_n == 8 and GemvOptions().smallest_block_n == w2a8_gemv_module._SMALLEST_BLOCK_N
+    pinned = GemvOptions(pins={(64, 32, 1, "residual"): (2, 4, 1)})
+    assert hash(pinned) == hash(GemvOptions(pins=[((64, 32, 1, "residual"), (2, 4, 1))]))
+    assert pinned.smallest_block_n == 2 and GemvOptions().smallest_block_n == w2a8_gemv_module._SMALLEST_BLOCK_N
     assert w2a8_gemv_module._kernel_for(pinned) is not w2a8_gemv_module._kernel_for(GemvOptions())
     assert w2a8_gemv_module._kernel_for(GemvOptions(dependent_launch=False)) is w2a8_gemv_module._kernel_for(GemvOptions())
     with pytest.raises(ValueError, match="multiple of 4"):
