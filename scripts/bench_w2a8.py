@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mmprof.kernels.ternary_pack import pack_weight  # noqa: E402
-from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv  # noqa: E402
+from mmprof.kernels.w2a8_gemv import GemvOptions, row_sums_ref, w2a8_gemv  # noqa: E402
 from mmprof.profiler import copy_bandwidth_gbps, time_fn  # noqa: E402
 from mmprof.workloads.presets import get_config  # noqa: E402
 
@@ -67,9 +67,10 @@ def _graph_time_us(calls) -> float:
     return stats.median_s / CALLS_PER_GRAPH * 1e6
 
 
-def gemv_setup(batch, parts, shared, epilogue, n, k):
+def gemv_setup(batch, parts, shared, epilogue, n, k, options=GemvOptions()):
     """One launch's operands as a decode step has them (random weights packed per part, unit norms,
-    row statistics summed beforehand): (w fp32, x, packed, a call taking a packed tensor)."""
+    row statistics summed beforehand): (w fp32, x, packed, a call taking a packed tensor, launched
+    with `options`)."""
     nq = 1 if shared else parts
     w = torch.randn(parts * n, k, device="cuda") * 0.02
     packed, scale = pack_weight(w) if shared else (None, None)
@@ -88,14 +89,14 @@ def gemv_setup(batch, parts, shared, epilogue, n, k):
 
     def call(p):
         return w2a8_gemv(x, norms, p, scales, parts=parts, shared_quant=shared, pre_weight=pre, epilogue=epilogue,
-                         sums=sums, **extra)  # fmt: skip
+                         sums=sums, options=options, **extra)  # fmt: skip
 
     return w, x, packed, call
 
 
-def bench_gemv(size, batch, name, parts, shared, epilogue, n, k):
+def bench_gemv(size, batch, name, parts, shared, epilogue, n, k, options=GemvOptions()):
     nq = 1 if shared else parts
-    w, x, packed, call = gemv_setup(batch, parts, shared, epilogue, n, k)
+    w, x, packed, call = gemv_setup(batch, parts, shared, epilogue, n, k, options)
     wbytes = packed.numel() * 4
     copies = [packed.clone() for _ in range(_copies(wbytes))]
     calls = [lambda p=p: call(p) for p in copies]
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill-rows", type=int, default=256, help="0: skip the prefill path")
     ap.add_argument("--out", default=None, help="CSV file to write")
+    ap.add_argument("--autotuned", action="store_true", help="autotune every shape, not the tuned table")
     args = ap.parse_args()
     copy_gbps = copy_bandwidth_gbps("cuda")
     rows = []
@@ -135,7 +137,8 @@ def main() -> None:
         for size in args.sizes.split(","):
             for name, parts, shared, epilogue, n, k in gemv_cases(size):
                 shape = f"M{args.batch} K{k} N{parts}x{n}"
-                for kernel, us, nbytes in bench_gemv(size, args.batch, name, parts, shared, epilogue, n, k):
+                for kernel, us, nbytes in bench_gemv(size, args.batch, name, parts, shared, epilogue, n, k,
+                                                     GemvOptions(tuned=not args.autotuned)):
                     rows.append([kernel, size, shape, us, nbytes / us / 1e3])
                 if name != "lm_head" and args.prefill_rows > 0:
                     pn = parts * n

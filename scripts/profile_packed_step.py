@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mmprof.kernels import w2a8_gemv  # noqa: E402
+from mmprof.kernels.w2a8_gemv import GemvOptions  # noqa: E402
 from mmprof.profiler import time_fn  # noqa: E402
 from mmprof.workloads.decode import GraphDecoder  # noqa: E402
 from mmprof.workloads.packed import PackedMMFreeLM  # noqa: E402
@@ -50,8 +50,9 @@ def graphed_decoder(model: PackedMMFreeLM, batch: int, device="cuda") -> GraphDe
     return dec
 
 
-def profile_step(size: str, batch: int):
+def profile_step(size: str, batch: int, options: GemvOptions = GemvOptions()):
     model = random_packed_model(size)
+    model.gemv_options = options
     dec = graphed_decoder(model, batch)
     graph = dec.graph
     step_us = time_fn(graph.replay, warmup=5, repeats=50, device="cuda").median_s * 1e6
@@ -92,8 +93,7 @@ def main() -> None:
     modes = ["plain", "dependent"] if args.launch == "both" else [args.launch]
     with torch.inference_mode():
         for size, mode in ((size, mode) for size in args.sizes.split(",") for mode in modes):
-            w2a8_gemv.DEPENDENT_LAUNCH = mode == "dependent"
-            step_us, kernels = profile_step(size, args.batch)
+            step_us, kernels = profile_step(size, args.batch, GemvOptions(dependent_launch=mode == "dependent"))
             busy = sum(us for _, _, us in kernels)
             launches = sum(calls for _, calls, _ in kernels)
             print(f"{size} ({mode} launches): step {step_us:.1f} us ({1e6 / step_us:.0f} steps/s), kernels {busy:.1f} us in "

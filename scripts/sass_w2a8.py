@@ -6,7 +6,8 @@ kernel's instructions per 16-weight word of a program's tile against the 8 of th
 4 masks). The counts are static: the whole kernel, the epilogue that only a block's last
 program runs included. The launch is one of a MatMul-free layer's (as bench_w2a8.py names them); the
 integer arguments are marked divisible by 16, as Triton specialises them at the presets' shapes, and
-the row statistics are read from the producer, as everywhere but layer 0.
+the row statistics are read from the producer, as everywhere but layer 0 (--sums-pass: computed in
+a pass over the row).
 
     python scripts/sass_w2a8.py --launch ifg+mlgru --block-n 32 --block-kw 32 --warps 4
 """
@@ -39,10 +40,11 @@ INT_ARGS = {"N", "K", "KW", "stride_x", "stride_a", "stride_out"}
 INT_POINTERS = {"W", "ACC", "CNT"}
 
 
-def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split: bool, early: bool) -> bytes:
+def compile_sm90(launch: str, block_n: int, block_kw: int, warps: int, one_split: bool, early: bool,
+                 sums_in: bool = True) -> bytes:
     parts, shared, epilogue = LAUNCHES[launch]
     consts = dict(NT=parts, SHARED_QUANT=shared, HAS_PRE=True, A_ROWS=False, NQ=1 if shared else parts,
-                  EPILOGUE=EPILOGUES[epilogue], HAS_LB=epilogue == "mlgru", USE_PTX=True, HAS_ST_IN=True,
+                  EPILOGUE=EPILOGUES[epilogue], HAS_LB=epilogue == "mlgru", USE_PTX=True, HAS_ST_IN=sums_in,
                   NQN=0 if epilogue == "store" else 1, NEXT_A=NEXT_PRE[epilogue], STATS_BLOCK=4096,
                   ONE_SPLIT=one_split, ROW_FINISH=parts <= 2 and not one_split, EVEN=True, USE_PDL=True, EARLY_RES=early, BLOCK_N=block_n, BLOCK_KW=block_kw)  # fmt: skip
     signature, attrs = {}, {}
@@ -73,11 +75,12 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--one-split", action="store_true", help="the slice is the whole row (no atomics)")
     ap.add_argument("--late-reads", action="store_true", help="residual and state read after the wait")
+    ap.add_argument("--sums-pass", action="store_true", help="the row statistics computed in a pass over the row")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "w2a8_gemv.cubin"
         cubin.write_bytes(compile_sm90(args.launch, args.block_n, args.block_kw, args.warps, args.one_split,
-                                       not args.late_reads))
+                                       not args.late_reads, not args.sums_pass))
         usage, sass = cuobjdump("-res-usage", str(cubin)), cuobjdump("-sass", str(cubin))
     ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     words = LAUNCHES[args.launch][0] * args.block_n * args.block_kw / (32 * args.warps)

@@ -1,4 +1,5 @@
-"""MLGRU recurrence with its gates computed inside the kernel, and its plain-PyTorch twin.
+"""MLGRU recurrence with its gates computed inside the kernel (the gates, the twin `mlgru_ref`, the
+decoding step `mlgru_step` and the scans it runs off CUDA are `mlgru_scan`'s).
 
     f_t = lb + (1 - lb) * sigmoid(f_pre_t)        i_t = silu(i_pre_t) * (1 - f_t)
     c_t = f_t * c_{t-1} + i_t                     (fp32 state, c_0 = state or 0)
@@ -14,44 +15,16 @@ BT steps: each tile's gates are computed in registers and the recurrence inside 
 parallel associative scan of the affine maps c -> f * c + i, then the carried fp32 state is applied.
 """
 
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from mmprof.kernels._triton_util import autotune_configs, device_guard, select_backend
+from mmprof.kernels.mlgru_scan import affine_scan, forget_gate, mlgru_gates, mlgru_ref, mlgru_step, reverse_scan
 
-# ---------------------------------------------------------------------------------------------
-# Plain-PyTorch twin (autograd through a loop over time, fp32 state)
-# ---------------------------------------------------------------------------------------------
-
-
-def mlgru_ref(f_pre, i_pre, lower_bound, state=None):
-    """The twin: the recurrence step by step in fp32, differentiated by autograd."""
-    batch, steps, dim = f_pre.shape
-    lb = lower_bound.float()
-    f = lb + (1 - lb) * torch.sigmoid(f_pre.float())
-    i = F.silu(i_pre.float()) * (1 - f)
-    c = state.float() if state is not None else f.new_zeros(batch, dim)
-    outputs = []
-    for t in range(steps):
-        c = f[:, t] * c + i[:, t]
-        outputs.append(c)
-    h = torch.stack(outputs, dim=1) if outputs else f.new_zeros(batch, 0, dim)
-    return h.to(f_pre.dtype), c
-
-
-def mlgru_step(f_pre, i_pre, lower_bound, state):
-    """One decoding step: f_pre, i_pre [B, D] (or [B, 1, D]), state [B, D] fp32 -> (h, new_state)."""
-    lb = lower_bound.float()
-    f = lb + (1 - lb) * torch.sigmoid(f_pre.float())
-    i = F.silu(i_pre.float()) * (1 - f)
-    c = f * state.float().reshape(f.shape) + i
-    return c.to(f_pre.dtype), c.reshape(state.shape)
-
+__all__ = ["mlgru", "mlgru_ref", "mlgru_step"]  # the twins live in mlgru_scan
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -201,66 +174,36 @@ def _bwd_triton(f_pre, i_pre, lower_bound, state, h, dh, dfinal):
 
 # ---------------------------------------------------------------------------------------------
 # The same forward and backward in plain PyTorch, saving the same tensors (CPU, or backend="torch"),
-# with the recurrence as a two-level chunked scan instead of a loop over every step
+# with the recurrence as mlgru_scan's two-level chunked scan instead of a loop over every step
 # ---------------------------------------------------------------------------------------------
-
-
-def _affine_scan_torch(a, b, c0):
-    """All c_t = a_t * c_{t-1} + b_t over dim 1 ([B, T, D] fp32, c_{-1} = c0 [B, D]) in about 2 sqrt(T)
-    vectorised steps: a pass over the positions inside chunks of L steps (all chunks at once, each
-    starting from 0), then a pass over the chunks adding cumprod(a within the chunk) * carried state."""
-    batch, steps, dim = a.shape
-    chunk = 2 ** max(0, round(math.log2(math.sqrt(steps))))
-    n_chunks = -(-steps // chunk)
-    pad = n_chunks * chunk - steps
-    a = F.pad(a, (0, 0, 0, pad), value=1.0).view(batch, n_chunks, chunk, dim)
-    b = F.pad(b, (0, 0, 0, pad)).view(batch, n_chunks, chunk, dim)
-    c = torch.empty_like(b)
-    c[:, :, 0] = b[:, :, 0]
-    for k in range(1, chunk):
-        torch.addcmul(b[:, :, k], a[:, :, k], c[:, :, k - 1], out=c[:, :, k])
-    decay = torch.cumprod(a, dim=2)
-    carry = c0
-    for j in range(n_chunks):
-        c[:, j] += decay[:, j] * carry[:, None]
-        carry = c[:, j, -1]
-    return c.view(batch, n_chunks * chunk, dim)[:, :steps]
-
-
-def _gates_torch(f_pre, i_pre, lower_bound):
-    lb = lower_bound.float()
-    fp, ip = f_pre.float(), i_pre.float()
-    sf, si = torch.sigmoid(fp), torch.sigmoid(ip)
-    f = lb + (1 - lb) * sf
-    return lb, fp, ip, sf, si, f
 
 
 def _fwd_torch(f_pre, i_pre, lower_bound, state):
     batch, steps, dim = f_pre.shape
-    _, _, ip, _, si, f = _gates_torch(f_pre, i_pre, lower_bound)
-    c0 = state.to(torch.float32, copy=True) if state is not None else f.new_zeros(batch, dim)
+    forget, inp = mlgru_gates(f_pre.float(), i_pre.float(), lower_bound.float())
+    c0 = state.to(torch.float32, copy=True) if state is not None else forget.new_zeros(batch, dim)
     if steps == 0:
         return torch.empty_like(f_pre), c0
-    c = _affine_scan_torch(f, ip * si * (1 - f), c0)
-    return c.to(f_pre.dtype).contiguous(), c[:, -1].clone(memory_format=torch.contiguous_format)
+    c, final = affine_scan(forget, inp, c0)
+    return c.to(f_pre.dtype).contiguous(), final
 
 
 def _bwd_torch(f_pre, i_pre, lower_bound, state, h, dh, dfinal):
     batch, steps, dim = f_pre.shape
-    lb, fp, ip, sf, si, f = _gates_torch(f_pre, i_pre, lower_bound)
+    lb, fp, ip = lower_bound.float(), f_pre.float(), i_pre.float()
     carry = dfinal.to(torch.float32, copy=True) if dfinal is not None else fp.new_zeros(batch, dim)
     if steps == 0:
         return torch.empty_like(f_pre), torch.empty_like(i_pre), lb.new_zeros(dim), carry
-    # dc_t = dh_t + f_{t+1} dc_{t+1} with dc_T = d final_state: the same scan, run backwards in time
-    f_next = torch.cat([f[:, 1:], f.new_ones(batch, 1, dim)], dim=1)
-    dc = _affine_scan_torch(f_next.flip(1), dh.float().flip(1), carry).flip(1)
+    sf, si = torch.sigmoid(fp), torch.sigmoid(ip)
+    forget = forget_gate(fp, lb)
+    dc = reverse_scan(forget, dh.float(), carry)  # dc_t = dh_t + f_{t+1} dc_{t+1}, from d final_state
     s0 = state.float() if state is not None else fp.new_zeros(batch, dim)
     c_prev = torch.cat([s0[:, None], h[:, :-1].float()], dim=1)
     df = dc * (c_prev - ip * si)
     df_pre = df * (1 - lb) * sf * (1 - sf)
-    di_pre = dc * (1 - f) * si * (1 + ip * (1 - si))
+    di_pre = dc * (1 - forget) * si * (1 + ip * (1 - si))
     dlb = (df * (1 - sf)).sum((0, 1))
-    return df_pre.to(f_pre.dtype), di_pre.to(i_pre.dtype), dlb, f[:, 0] * dc[:, 0]
+    return df_pre.to(f_pre.dtype), di_pre.to(i_pre.dtype), dlb, forget[:, 0] * dc[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------

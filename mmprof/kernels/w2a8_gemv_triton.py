@@ -135,6 +135,34 @@ def _row_sums(x_ptr, a_ptr, b_ptr, K, NQ: tl.constexpr, HAS_PRE: tl.constexpr, B
 
 
 @triton.jit
+def _row_scales(st_row, x_row, a_row, b_ptr, K, eps1, eps2, NQ: tl.constexpr, HAS_PRE: tl.constexpr,
+                HAS_ST_IN: tl.constexpr, STATS_BLOCK: tl.constexpr):  # fmt: skip
+    """A row's quantisation per part: amax_p (its range, as the twin clamps it) and the factor
+    mult_p = rowmult * 127 / amax_p that takes x * a * b_p to int8 levels, from the row's statistics:
+    read from st_row where the launch that wrote x summed them (HAS_ST_IN), else a pass over x."""
+    if HAS_ST_IN:  # the producer of x summed them
+        ss1 = tl.load(st_row)
+        ss2 = tl.load(st_row + 1)
+        s0 = tl.load(st_row + 2)
+        s1 = tl.load(st_row + 3)
+        s2 = tl.load(st_row + 4)
+    else:
+        ss1, ss2, s0, s1, s2 = _row_sums(x_row, a_row, b_ptr, K, NQ, HAS_PRE, STATS_BLOCK)
+    if HAS_PRE:
+        r1 = 1.0 / tl.sqrt(ss1 / K + eps1)
+        rowmult = r1 / tl.sqrt(r1 * r1 * ss2 / K + eps2)
+    else:
+        rowmult = 1.0 / tl.sqrt(ss1 / K + eps2)
+    amax0 = tl.maximum(s0 * rowmult, 1e-5)
+    amax1 = tl.maximum(s1 * rowmult, 1e-5)
+    amax2 = tl.maximum(s2 * rowmult, 1e-5)
+    mult0 = rowmult * (127.0 / amax0)
+    mult1 = rowmult * (127.0 / amax1)
+    mult2 = rowmult * (127.0 / amax2)
+    return amax0, amax1, amax2, mult0, mult1, mult2
+
+
+@triton.jit
 def _next_sums(v, a, nb, nmask, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexpr):
     """Add this program's share of the next projection's row sums (see _row_sums) to st_ptr[0:5]:
     v is the slice of the next input this program wrote, a the next pre-norm weight's slice, nb
@@ -148,6 +176,36 @@ def _next_sums(v, a, nb, nmask, st_ptr, NQN: tl.constexpr, NEXT_PRE: tl.constexp
         tl.atomic_add(st_ptr + 1, tl.sum(v * v), sem="relaxed")
     p = tl.arange(0, 4)  # per quantised part of the next launch: max |v * a * b_p|
     tl.atomic_max(st_ptr + 2 + p, tl.max(tl.abs(v[None, :] * nb), axis=1), mask=p < NQN, sem="relaxed")
+
+
+@triton.jit
+def _add_one_part(ACC64, m, N, rn, i0, nmask):
+    """Add a slice's sums and one arrival to the rows' 64-bit words (sum in the low 32 bits, count
+    above) -> (the sums so far, the arrivals so far, the word as it now stands, the words' pointers)."""
+    one = tl.full([], 1 << 32, tl.int64)
+    val = i0.to(tl.int64) + one
+    acc_row = ACC64 + m * N + rn
+    tot = tl.atomic_add(acc_row, val, mask=nmask, sem="relaxed") + val
+    i0 = ((tot << 32) >> 32).to(tl.int32)
+    arrived = (tot - i0) >> 32
+    return i0, arrived, tot, acc_row
+
+
+@triton.jit
+def _add_two_parts(ACC64, m, N, rn, i0, i1, nmask):
+    """The same with two parts: two signed 24-bit sums in bits 0-23 and 24-47, the count above;
+    each field is read back sign-extended and taken out before the next is read."""
+    one = tl.full([], 1 << 48, tl.int64)
+    val = i0.to(tl.int64) + (i1.to(tl.int64) << 24) + one
+    acc_row = ACC64 + m * N + rn
+    tot = tl.atomic_add(acc_row, val, mask=nmask, sem="relaxed") + val
+    lo = (tot << 40) >> 40  # the low field, sign-extended
+    i0 = lo.to(tl.int32)
+    rest = (tot - lo) >> 24
+    hi = (rest << 40) >> 40
+    i1 = hi.to(tl.int32)
+    arrived = (rest - hi) >> 24
+    return i0, i1, arrived, tot, acc_row
 
 
 @triton.jit
@@ -206,25 +264,8 @@ def w2a8_gemv_kernel(
     if A_ROWS:
         a_row = A + m * stride_a
     if EPILOGUE != EPI_INT:
-        if HAS_ST_IN:  # the producer of x summed them
-            ss1 = tl.load(ST_IN + m * 5)
-            ss2 = tl.load(ST_IN + m * 5 + 1)
-            s0 = tl.load(ST_IN + m * 5 + 2)
-            s1 = tl.load(ST_IN + m * 5 + 3)
-            s2 = tl.load(ST_IN + m * 5 + 4)
-        else:
-            ss1, ss2, s0, s1, s2 = _row_sums(x_row, a_row, B, K, NQ, HAS_PRE, STATS_BLOCK)
-        if HAS_PRE:
-            r1 = 1.0 / tl.sqrt(ss1 / K + eps1)
-            rowmult = r1 / tl.sqrt(r1 * r1 * ss2 / K + eps2)
-        else:
-            rowmult = 1.0 / tl.sqrt(ss1 / K + eps2)
-        amax0 = tl.maximum(s0 * rowmult, 1e-5)
-        amax1 = tl.maximum(s1 * rowmult, 1e-5)
-        amax2 = tl.maximum(s2 * rowmult, 1e-5)
-        mult0 = rowmult * (127.0 / amax0)
-        mult1 = rowmult * (127.0 / amax1)
-        mult2 = rowmult * (127.0 / amax2)
+        amax0, amax1, amax2, mult0, mult1, mult2 = _row_scales(
+            ST_IN + m * 5, x_row, a_row, B, K, eps1, eps2, NQ, HAS_PRE, HAS_ST_IN, STATS_BLOCK)
 
     # this program's slice of the inputs, quantised once per part: [BLOCK_KW, 4 (s), 4 (byte)] levels,
     # packed into four words per word column (word s holding inputs 4s .. 4s+3)
@@ -254,23 +295,9 @@ def w2a8_gemv_kernel(
     is_last = True
     if ROW_FINISH:  # one returned 64-bit atomic per row: the parts' sums and an arrival count in one word
         if NT == 1:
-            one = tl.full([], 1 << 32, tl.int64)
-            val = i0.to(tl.int64) + one
+            i0, arrived, tot, acc_row = _add_one_part(ACC64, m, N, rn, i0, nmask)
         else:
-            one = tl.full([], 1 << 48, tl.int64)
-            val = i0.to(tl.int64) + (i1.to(tl.int64) << 24) + one
-        acc_row = ACC64 + m * N + rn
-        tot = tl.atomic_add(acc_row, val, mask=nmask, sem="relaxed") + val
-        if NT == 1:
-            i0 = ((tot << 32) >> 32).to(tl.int32)
-            arrived = (tot - i0) >> 32
-        else:
-            lo = (tot << 40) >> 40  # the low field, sign-extended
-            i0 = lo.to(tl.int32)
-            rest = (tot - lo) >> 24
-            hi = (rest << 40) >> 40
-            i1 = hi.to(tl.int32)
-            arrived = (rest - hi) >> 24
+            i0, i1, arrived, tot, acc_row = _add_two_parts(ACC64, m, N, rn, i0, i1, nmask)
         nmask = nmask & (arrived == tl.num_programs(1))  # the rows this program finishes
         tl.store(acc_row, tl.zeros_like(tot), mask=nmask)  # zeroed for the next launch: all have added
         is_last = tl.max(nmask.to(tl.int32), axis=0) > 0

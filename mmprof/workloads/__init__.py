@@ -2,11 +2,11 @@
 a decoding loop and checkpoint folders. Plain PyTorch; knows nothing of measuring."""
 
 from mmprof.kernels.bitlinear import BitLinear, bitlinear
+from mmprof.kernels.mlgru_scan import mlgru_scan, mlgru_scan_naive
 from mmprof.workloads.build import build_model, init_weights
 from mmprof.workloads.checkpoint import load_checkpoint, save_checkpoint
 from mmprof.workloads.decode import Decoder, GraphDecoder, generate, make_decoder, sample
 from mmprof.workloads.layers import ModelOutput
-from mmprof.workloads.mlgru_scan import mlgru_scan, mlgru_scan_naive
 from mmprof.workloads.mmfree import MMFreeLM
 from mmprof.workloads.packed import PackedMMFreeLM
 from mmprof.workloads.precision import PRECISIONS, MetaAutocast, forward_context, param_dtype

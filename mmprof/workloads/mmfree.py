@@ -34,10 +34,10 @@ from mmprof.kernels.bitlinear import BitLinear, matmul_dtype
 from mmprof.kernels.bitlinear_prologue import bitlinear_prologue, quantized_input, ternary_weight
 from mmprof.kernels.cross_entropy import cross_entropy_inplace, linear_cross_entropy
 from mmprof.kernels.mlgru import mlgru
+from mmprof.kernels.mlgru_scan import mlgru_gates, mlgru_scan
 from mmprof.kernels.norm_gate import rms_norm_silu_gate, rms_norm_silu_gate_ref
 from mmprof.kernels.reference_ops import rms_norm_keep_input, swiglu
 from mmprof.workloads.layers import IGNORE_INDEX, ModelOutput, RMSNorm, lm_loss, next_token_targets
-from mmprof.workloads.mlgru_scan import mlgru_scan
 from mmprof.workloads.presets import ModelConfig
 
 
@@ -45,14 +45,6 @@ def layer_lower_bounds(lower_bounds: Tensor) -> Tensor:
     """[layers, d] parameter -> per-layer lower bounds: cumsum(softmax over layers) minus row 0."""
     s = lower_bounds.float().softmax(0)
     return s.cumsum(0) - s[0]
-
-
-def mlgru_gates(f_pre: Tensor, i_pre: Tensor, lower_bound: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Forget and input gates from the projections: f after sigmoid and lower bound, i = silu * (1-f)."""
-    f = torch.sigmoid(f_pre)
-    if lower_bound is not None:
-        f = lower_bound + (1 - lower_bound) * f
-    return f, F.silu(i_pre) * (1 - f)
 
 
 REFERENCE_BODY = ("vanilla", "ref-fused")  # implementations run through `forward_reference`

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmprof.kernels.bitlinear import NORM_EPS, rms_norm
+from mmprof.kernels.mlgru_scan import mlgru_gates, mlgru_scan
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words
 from mmprof.kernels.w2a8_gemm import packed_bitlinear
-from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv
-from mmprof.workloads.mlgru_scan import mlgru_scan
-from mmprof.workloads.mmfree import layer_lower_bounds, mlgru_gates
+from mmprof.kernels.w2a8_gemv import DEFAULT_OPTIONS, GemvOptions, row_sums_ref, w2a8_gemv
+from mmprof.workloads.mmfree import layer_lower_bounds
 from mmprof.workloads.presets import ModelConfig
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill pass: bounds the activations of long prompts
@@ -101,25 +101,25 @@ class PackedBlock(nn.Module):
         return x + self.down_proj.prefill(F.silu(a) * b)
 
     def step(self, x: Tensor, lower_bound: Tensor | None, state: Tensor, sums: Tensor, x_sums: Tensor | None,
-             reader: tuple) -> Tensor:  # fmt: skip
+             reader: tuple, options: GemvOptions = DEFAULT_OPTIONS) -> Tensor:  # fmt: skip
         """One token: x [B, d] -> the next residual [B, d]. sums [4, B, 5] are zeroed buffers for the
         row statistics of the o_proj, down_proj and next inputs, summed by the launch writing each
         (`w2a8_gemv`'s next_sums); x_sums are x's (None: computed here); reader is (norm weights,
-        pre-norm weight) of the launch that reads this layer's output."""
+        pre-norm weight) of the launch that reads this layer's output; options: the GEMVs' launches."""
         ifg, o, gate, down = self.ifg, self.o_proj, self.gate_proj, self.down_proj
         # each launch's residual (x, x2) and state were written two or more launches back: settled
         g, gate_in = w2a8_gemv(x, ifg.norm, ifg.packed, ifg.w_scale, parts=3, pre_weight=self.attn_norm,
                                pre_eps=self.eps, epilogue="mlgru", state=state, lower_bound=lower_bound,
                                gate_weight=self.g_norm, sums=x_sums, next_sums=(sums[0], o.norm, "gate"),
-                               settled=True)  # fmt: skip
+                               settled=True, options=options)  # fmt: skip
         x2 = w2a8_gemv(g, o.norm, o.packed, o.w_scale, pre_weight=gate_in, pre_eps=self.eps, epilogue="residual",
                        residual=x, sums=sums[0], next_sums=(sums[1], gate.norm, self.mlp_norm),
-                       settled=True)  # fmt: skip
+                       settled=True, options=options)  # fmt: skip
         z = w2a8_gemv(x2, gate.norm, gate.packed, gate.w_scale, parts=2, shared_quant=True,
                       pre_weight=self.mlp_norm, pre_eps=self.eps, epilogue="glu", sums=sums[1],
-                      next_sums=(sums[2], down.norm, None))  # fmt: skip
+                      next_sums=(sums[2], down.norm, None), options=options)  # fmt: skip
         return w2a8_gemv(z, down.norm, down.packed, down.w_scale, epilogue="residual", residual=x2, sums=sums[2],
-                         next_sums=(sums[3], *reader), settled=True)  # fmt: skip
+                         next_sums=(sums[3], *reader), settled=True, options=options)  # fmt: skip
 
 
 class PackedMMFreeLM(nn.Module):
@@ -136,6 +136,7 @@ class PackedMMFreeLM(nn.Module):
         self.register_buffer("lower_bounds", torch.zeros(cfg.num_layers, d, device=device))
         self.register_buffer("norm", torch.ones(d, device=device))
         self.lm_head = PackedLinear(d, cfg.vocab_size, device=device)
+        self.gemv_options = DEFAULT_OPTIONS  # how step's W2A8 GEMVs launch (`GemvOptions`)
 
     @classmethod
     @torch.no_grad()
@@ -185,10 +186,10 @@ class PackedMMFreeLM(nn.Module):
         x_sums = token_sums[ids] if token_sums is not None else None
         for n, layer in enumerate(layers):
             reader = (layers[n + 1].ifg.norm, layers[n + 1].attn_norm) if n + 1 < len(layers) else (head.norm, self.norm)
-            x = layer.step(x, self._bound(n), state[n], sums[n], x_sums, reader)
+            x = layer.step(x, self._bound(n), state[n], sums[n], x_sums, reader, self.gemv_options)
             x_sums = sums[n, 3]
         return w2a8_gemv(x, head.norm, head.packed, head.w_scale, pre_weight=self.norm,
-                         pre_eps=self.config.rms_norm_eps, sums=x_sums)  # fmt: skip
+                         pre_eps=self.config.rms_norm_eps, sums=x_sums, options=self.gemv_options)  # fmt: skip
 
     def init_state(self, batch: int, max_len: int | None = None, device=None) -> Tensor:
         device = device if device is not None else self.norm.device

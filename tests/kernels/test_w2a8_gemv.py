@@ -10,7 +10,7 @@ from mmprof.kernels.bitlinear import bitlinear, rms_norm
 from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 from mmprof.kernels import w2a8_gemv as w2a8_gemv_module
-from mmprof.kernels.w2a8_gemv import row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_ref
+from mmprof.kernels.w2a8_gemv import GemvOptions, row_sums_ref, w2a8_gemv, w2a8_gemv_int, w2a8_gemv_ref
 
 both_split_k_paths = pytest.mark.parametrize("row_finish", [True, False],
                                              ids=["rows-finished-by-last-adder", "block-arrival-counts"])
@@ -39,11 +39,11 @@ def packed_parts(parts, n, k, device, shared=False):
     return w, torch.cat([p for p, _ in pieces]), torch.stack([s for _, s in pieces])
 
 
-def check_int_core(shape, device):
+def check_int_core(shape, device, options=GemvOptions()):
     m, k, n = shape
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
     packed = pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device))
-    out = w2a8_gemv_int(q, packed, k, backend="triton")
+    out = w2a8_gemv_int(q, packed, k, backend="triton", options=options)
     assert out.dtype == torch.int32 and torch.equal(out, w2a8_matmul_ref(q, packed, k))
 
 
@@ -57,7 +57,7 @@ CASES = {  # name: (parts, shared_quant, epilogue, pre-norm weight per row)
 }
 
 
-def check_fused(shape, case, device, dtype=torch.float32, pre=True, settled=False):
+def check_fused(shape, case, device, dtype=torch.float32, pre=True, settled=False, options=GemvOptions()):
     parts, shared, epilogue, row_pre = CASES[case]
     m, k, n = shape
     _, packed, scales = packed_parts(parts, n, k, device, shared)
@@ -74,7 +74,8 @@ def check_fused(shape, case, device, dtype=torch.float32, pre=True, settled=Fals
         states = [torch.randn(m, n, device=device) for _ in range(2)]
         states[1].copy_(states[0])
         kw.update(lower_bound=torch.rand(n, device=device), gate_weight=1 + 0.3 * torch.randn(n, device=device))
-    out = w2a8_gemv(x, norms, packed, scales, backend="triton", state=states and states[0], settled=settled, **kw)
+    out = w2a8_gemv(x, norms, packed, scales, backend="triton", state=states and states[0], settled=settled,
+                    options=options, **kw)  # fmt: skip
     ref = w2a8_gemv_ref(x, norms, packed, scales, state=states and states[1], **kw)
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for a, b in zip(outs, refs):
@@ -92,21 +93,20 @@ def test_integer_core_is_bit_exact(shape):
     check_int_core(shape, "cpu")
 
 
-def check_workspace_left_zeroed(device):
+def check_workspace_left_zeroed(device, options):
     """Split-K launches meet in a shared workspace: each must leave it zeroed for the next, which
     then still gets exact sums."""
     for shape in ((2, 100, 19), (1, 64, 40), (2, 100, 19)):
-        check_int_core(shape, device)
-        check_fused(shape, "mlgru", device)
-        check_fused(shape, "glu", device)
+        check_int_core(shape, device, options)
+        check_fused(shape, "mlgru", device, options=options)
+        check_fused(shape, "glu", device, options=options)
         assert not w2a8_gemv_module._workspaces[torch.empty(0, device=device).device].any()
 
 
 @needs_interpreter
 @both_split_k_paths
-def test_workspace_left_zeroed(row_finish, monkeypatch):
-    monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
-    check_workspace_left_zeroed("cpu")
+def test_workspace_left_zeroed(row_finish):
+    check_workspace_left_zeroed("cpu", GemvOptions(row_finish=row_finish))
 
 
 def check_extreme_sums(device, k):
@@ -141,9 +141,8 @@ def test_gpu_extreme_sums_are_exact():
 
 @pytest.mark.gpu
 @both_split_k_paths
-def test_gpu_workspace_left_zeroed(row_finish, monkeypatch):
-    monkeypatch.setattr(w2a8_gemv_module, "ROW_FINISH", row_finish)
-    check_workspace_left_zeroed("cuda")
+def test_gpu_workspace_left_zeroed(row_finish):
+    check_workspace_left_zeroed("cuda", GemvOptions(row_finish=row_finish))
 
 
 @needs_interpreter
@@ -273,20 +272,29 @@ def test_pinned_configuration_beats_the_tuned_table(monkeypatch):
     mod = w2a8_gemv_module
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     monkeypatch.setattr(mod, "_tuned_for", lambda device: {(64, 32, 1, "residual"): (16, 8, 2)})
-    monkeypatch.setattr(mod, "_pins", {})
+    options = GemvOptions()
     nargs, kw = {"N": 64, "K": 32, "X": torch.zeros(1)}, {"NT": 1, "EPILOGUE": mod.EPILOGUES["residual"]}
     everything = ["a", "b"]
 
     def picked():
-        (config,) = mod._pinned(everything, nargs, **kw)
+        (config,) = mod._pinned(everything, nargs, gemv_options=options, **kw)
         return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_KW"], config.num_warps
 
     assert picked() == (16, 8, 2)
-    mod._pins[(64, 32, 1, "residual")] = (32, 4, 1)
+    options = GemvOptions(pins={(64, 32, 1, "residual"): (32, 4, 1)})
     assert picked() == (32, 4, 1)
-    mod._pins.clear()
-    monkeypatch.setattr(mod, "USE_TUNED", False)
-    assert mod._pinned(everything, nargs, **kw) is everything
+    options = GemvOptions(tuned=False)
+    assert mod._pinned(everything, nargs, gemv_options=options, **kw) is everything
     kw["EPILOGUE"] = mod.EPILOGUES["glu"]  # a shape the table lacks is autotuned
-    monkeypatch.setattr(mod, "USE_TUNED", True)
-    assert mod._pinned(everything, nargs, **kw) is everything
+    options = GemvOptions(tuned=True)
+    assert mod._pinned(everything, nargs, gemv_options=options, **kw) is everything
+
+
+def test_options_are_per_call_and_hashable():
+    pinned = GemvOptions(pins={(64, 32, 1, "residual"): (2, 4, 1)})
+    assert hash(pinned) == hash(GemvOptions(pins=[((64, 32, 1, "residual"), (2, 4, 1))]))
+    assert pinned.smallest_block_n == 2 and GemvOptions().smallest_block_n == w2a8_gemv_module._SMALLEST_BLOCK_N
+    assert w2a8_gemv_module._kernel_for(pinned) is not w2a8_gemv_module._kernel_for(GemvOptions())
+    assert w2a8_gemv_module._kernel_for(GemvOptions(dependent_launch=False)) is w2a8_gemv_module._kernel_for(GemvOptions())
+    with pytest.raises(ValueError, match="multiple of 4"):
+        GemvOptions(pins={(64, 32, 1, "residual"): (8, 6, 1)})

@@ -142,17 +142,17 @@ def test_gpu_packed_decoding_matches_the_fake_quant_model_and_the_graph(batch):
 
 
 @pytest.mark.gpu
-def test_gpu_dependent_launches_decode_as_plain_ones(monkeypatch):
+def test_gpu_dependent_launches_decode_as_plain_ones():
     """Graphed steps whose GEMVs start early (programmatic dependent launch: each waits on the
     previous launch before reading what it wrote) give the logits that plain launches give."""
-    from mmprof.kernels import w2a8_gemv
+    from mmprof.kernels.w2a8_gemv import GemvOptions
 
     torch.manual_seed(6)
     packed = PackedMMFreeLM.from_model(fake_quant_model(device="cuda", layers=4))
     ids = torch.randint(0, packed.config.vocab_size, (2, 36), device="cuda")
     logits = {}
     for dependent in (False, True):
-        monkeypatch.setattr(w2a8_gemv, "DEPENDENT_LAUNCH", dependent)
+        packed.gemv_options = GemvOptions(dependent_launch=dependent)
         dec = GraphDecoder(packed.static_decoder(2, 36), use_graph=True)
         logits[dependent] = [dec.prefill(ids[:, :32])] + [dec.step(ids[:, t]) for t in range(32, 36)]
     for a, b in zip(logits[False], logits[True]):
