@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,11 +25,18 @@ import pandas as pd
 
 
 def _run(args: list[str]) -> tuple[float, Path]:
+    """Wall seconds of one CLI run (its CPU seconds, user + system, are printed beside: on a shared
+    machine the wall time is mostly waiting for a core)."""
     out = Path(tempfile.mkdtemp(prefix="bench-estimate-")) / "run"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mmprof", "train-memory", *args, "--device", "meta", "--out", str(out),
                     "--format", "csv"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start, out
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"  {' '.join(args)}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr)
+    return wall, out
 
 
 def main() -> None:

@@ -212,7 +212,12 @@ def _compose(tl: Timeline, lo: int, hi: int, repeat_tag: int, times: int) -> np.
 
     A storage made in a repeated run and freed in the next block's run needs nothing more: each copy
     frees what the run before it made, as the template does. One freed in a run outside the blocks
-    (autocast's weight casts, dropped when the forward ends) is freed once per copy there."""
+    (autocast's weight casts, dropped when the forward ends) is freed once per copy there; one made
+    outside the blocks and freed in a repeated run (shared by all blocks) is freed in its last copy.
+    Frees in a repeated run of what the block before made are repeated with the copies: the totals
+    are exact, though in the copies they carry the template's storage, so where a chained tensor's
+    category or kind differs from its successor's, the breakdown at the peak moves that many bytes
+    between two parts."""
     born = np.full(len(tl.raw_bytes), ROOT, dtype=np.int64)
     births = tl.sign > 0
     born[tl.storage[births]] = tl.tag[births]
@@ -220,7 +225,9 @@ def _compose(tl: Timeline, lo: int, hi: int, repeat_tag: int, times: int) -> np.
     for s, e, tag in _runs(tl.tag[lo:hi]):
         idx = np.arange(lo + s, lo + e)
         if tag == repeat_tag:
-            pieces.append(np.tile(idx, times))
+            # what the blocks share (made outside them) is freed by the last block using it: the last copy
+            shared = (tl.sign[idx] < 0) & (born[tl.storage[idx]] == ROOT)
+            pieces.append(np.concatenate([idx[~shared]] * (times - 1) + [idx]) if times > 1 else idx)
         elif tag == ROOT:
             copies = (tl.sign[idx] < 0) & (born[tl.storage[idx]] == repeat_tag)
             pieces.append(np.repeat(idx, np.where(copies, times, 1)))
