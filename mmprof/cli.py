@@ -240,8 +240,9 @@ def _sweep_job(plan, make_runner, spec, command: str, out, resume, sweep_args: t
 @click.option("--gpus", default=None, help="GPU index (default 0)")
 @click.option("--precision", type=click.Choice(["bf16-autocast", "bf16", "fp32"]), default="bf16-autocast",
               show_default=True)
-@click.option("--estimate", type=click.Choice(["fast", "full"]), is_flag=False, flag_value="fast", default=None,
-              help="on a GPU, add the no-GPU estimate and its error; with no GPU, how it is made: fast "
+@click.option("--estimate", type=click.Choice(["fast", "full", "beside"]), is_flag=False, flag_value="beside",
+              default=None,
+              help="bare: on a GPU, add the no-GPU estimate and its error; fast|full: also how it is made: fast "
                    "(default: three blocks traced, composed) or full (the whole step traced)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override the size's shape: layers, hidden, intermediate, heads, kv_heads, vocab (repeatable)")
@@ -292,14 +293,14 @@ def train_memory(ctx, size, arch, bitlinear, batch, seq, steps, warmup, device, 
     else:
         get_config(size)
     how = shard_plan(shard, world_size, device, gpus)
-    check_estimate(estimate, how.device)
+    check_estimate(estimate == "beside", how.device)
     spec = tm.TrainMemorySpec(
         size=size,
         archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
         bitlinears=tuple(parse_list(bitlinear, "bitlinear", str, ("vanilla", "ref-fused", "fused", "naive"))),
         batches=tuple(parse_list(batch, "batch", positive_int)),
         seq=seq, steps=steps, warmup=warmup, device=how.device, precision=precision,
-        estimate=estimate is not None, estimate_method=estimate or "fast", overrides=parse_overrides(overrides),
+        estimate=estimate is not None and how.device != "meta", estimate_method=estimate if estimate in ("fast", "full") else "fast", overrides=parse_overrides(overrides),
         breakdown=breakdown, min_window_s=min_window_s, idle_s=idle_s, peak_tflops=peak_tflops,
         checkpointings=tuple(parse_list(checkpointing, "checkpointing", str, CHECKPOINTING)),
         shard=how.shard, world_size=how.world_size, model=model,

@@ -67,7 +67,31 @@ def probe_power(gpu: GpuSource) -> tuple[str | None, str | None]:
     return "average", f"{instant_reason}; using nvmlDeviceGetPowerUsage (may be a 1 s average)"
 
 
-class Sampler:
+class TraceReader:
+    """Reading stored ticks, shared by both samplers: `traces` (one GpuTrace per GPU) under `_lock`;
+    `_refresh` first takes in what a sampler has not stored yet (nothing, for the thread)."""
+
+    traces: list[GpuTrace]
+    _lock: threading.Lock
+
+    def _refresh(self) -> None:
+        return None
+
+    def tick_range(self, start_s: float, end_s: float) -> tuple[int, int]:
+        """Ticks [lo, hi) whose first GPU reading lies in [start_s, end_s]; ticks align across GPUs."""
+        self._refresh()
+        with self._lock:
+            if not self.traces:
+                return 0, 0
+            t = self.traces[0].t_s
+            return bisect_left(t, start_s), bisect_right(t, end_s)
+
+    def gpu_rows(self, pos: int, lo: int, hi: int) -> tuple[list[float], dict[str, list[float]]]:
+        with self._lock:
+            return self.traces[pos].rows(lo, hi)
+
+
+class Sampler(TraceReader):
     def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float,
                  clock=time.monotonic, host_every: int = 10, slow_every: int = 10,
                  counter_every: int = COUNTER_EVERY):
@@ -127,18 +151,6 @@ class Sampler:
         with self._tick:
             self._tick.wait_for(lambda: self._last_t > t_s or not self.running, timeout_s)
             return self._last_t > t_s
-
-    def tick_range(self, start_s: float, end_s: float) -> tuple[int, int]:
-        """Ticks [lo, hi) whose first GPU reading lies in [start_s, end_s]; ticks align across GPUs."""
-        with self._lock:
-            if not self.traces:
-                return 0, 0
-            t = self.traces[0].t_s
-            return bisect_left(t, start_s), bisect_right(t, end_s)
-
-    def gpu_rows(self, pos: int, lo: int, hi: int) -> tuple[list[float], dict[str, list[float]]]:
-        with self._lock:
-            return self.traces[pos].rows(lo, hi)
 
     def host_rss_max_bytes(self, start_s: float, end_s: float) -> float | None:
         with self._lock:

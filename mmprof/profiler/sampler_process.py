@@ -19,13 +19,12 @@ import sys
 import tempfile
 import threading
 import time
-from bisect import bisect_left, bisect_right
 from pathlib import Path
 
 from .gpu import GpuSource
 from .host import HostSource
 from .nvml import _REASONS, _unavailable
-from .sampler import COUNTER_EVERY, GPU_FIELDS, GpuTrace, Sampler, probe_power
+from .sampler import COUNTER_EVERY, GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
 from .sampler_child import FIELDS, RECORD
 
 assert FIELDS == GPU_FIELDS
@@ -44,7 +43,7 @@ def _last_cpu() -> int | None:
         return None
 
 
-class ProcessSampler:
+class ProcessSampler(TraceReader):
     def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float, slow_every: int = 10,
                  counter_every: int = COUNTER_EVERY):
         if hz <= 0:
@@ -154,18 +153,6 @@ class ProcessSampler:
             if last > t_s or not self.running or time.monotonic() > deadline:
                 return last > t_s
             time.sleep(min(self.period_s, 0.005))
-
-    def tick_range(self, start_s: float, end_s: float) -> tuple[int, int]:
-        self._refresh()
-        with self._lock:
-            if not self.traces:
-                return 0, 0
-            t = self.traces[0].t_s
-            return bisect_left(t, start_s), bisect_right(t, end_s)
-
-    def gpu_rows(self, pos: int, lo: int, hi: int) -> tuple[list[float], dict[str, list[float]]]:
-        with self._lock:
-            return self.traces[pos].rows(lo, hi)
 
     # ----- host, from the 1 Hz thread -----
     @property

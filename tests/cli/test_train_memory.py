@@ -151,6 +151,6 @@ def test_set_breakdown_and_full_estimate_from_the_cli(tmp_path):
     assert full.exit_code == 0, full.output
     a = pd.read_csv(tmp_path / "fast" / "measurements.csv")
     b = pd.read_csv(tmp_path / "full" / "measurements.csv")
-    assert len(a) == len(b) == 4
+    assert len(a) == len(b) == 6      # vanilla, ref-fused, fused at batch 1 and 2
     assert ((a["peak_alloc_gib"] / b["peak_alloc_gib"] - 1).abs() < 5e-3).all()
     assert_one_line_exit_2(invoke(*args, "--set", "depth=3", "--out", str(tmp_path / "bad")), "--set")

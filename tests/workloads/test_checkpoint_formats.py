@@ -41,10 +41,11 @@ def reference_folder(tmp_path, shards: int = 3):
     """A reference-format folder: config.json as above, weights in `shards` safetensors files + index."""
     arch, cfg = config_from_json(dict(REFERENCE_CONFIG))
     model = build_model(arch, cfg, seed=3)
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # non-trivial norms and lower bounds, so a weight loaded wrongly would show
         for name, p in model.named_parameters():
             if "norm" in name or "lower_bounds" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     folder = tmp_path / "MMfreeLM-tiny"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(REFERENCE_CONFIG, indent=2))
@@ -84,6 +85,17 @@ def tokenizer_file(folder, words=("hello", "ternary", "world", "weights")):
     return vocab
 
 
+
+def assert_same_model(loaded, model, oracle, seq: int) -> None:
+    """Every parameter equal, and the same logits as the in-memory model and as the test oracle."""
+    mine, theirs = loaded.state_dict(), model.state_dict()
+    assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
+    ids = torch.randint(0, 300, (2, seq), generator=torch.Generator().manual_seed(seq))
+    with torch.inference_mode():
+        logits = loaded(ids).logits
+        assert torch.equal(logits, model(ids).logits)
+        assert torch.allclose(logits, oracle(theirs, loaded.config, ids), atol=1e-4, rtol=1e-4)
+
 def test_reference_folder_with_sharded_safetensors_loads_every_parameter(tmp_path):
     model, folder = reference_folder(tmp_path)
     loaded = load_checkpoint(folder, "cpu")
@@ -91,14 +103,8 @@ def test_reference_folder_with_sharded_safetensors_loads_every_parameter(tmp_pat
     assert (cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len) == (64, 3, 300, 512)
     assert cfg.intermediate_size == 256 * -(-int(64 * 4 * 2 / 3) // 256)  # from hidden_ratio, as the reference
     assert cfg.num_heads == 4 and cfg.use_lower_bound and cfg.rms_norm_eps == 1e-6
-    mine, theirs = loaded.state_dict(), model.state_dict()
-    assert mine.keys() == theirs.keys()
-    assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
-    ids = torch.randint(0, 300, (2, 7))
-    with torch.inference_mode():
-        logits = loaded(ids).logits
-        assert torch.equal(logits, model(ids).logits)
-        assert torch.allclose(logits, mmfree_logits(theirs, cfg, ids), atol=1e-4, rtol=1e-4)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert_same_model(loaded, model, mmfree_logits, seq=7)
 
 
 def test_llama5_bin_folder_with_gqa_head_dim_and_tied_embeddings(tmp_path):
@@ -109,13 +115,7 @@ def test_llama5_bin_folder_with_gqa_head_dim_and_tied_embeddings(tmp_path):
     assert cfg.tie_word_embeddings and loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.model.layers[0].self_attn.k_proj.weight.shape == (2 * 24, 64)
     assert loaded.model.layers[0].self_attn.q_proj.weight.shape == (4 * 24, 64)
-    mine, theirs = loaded.state_dict(), model.state_dict()
-    assert all(torch.equal(mine[n], theirs[n]) for n in theirs)
-    ids = torch.randint(0, 300, (2, 9))
-    with torch.inference_mode():
-        logits = loaded(ids).logits
-        assert torch.equal(logits, model(ids).logits)
-        assert torch.allclose(logits, transformer_logits(theirs, cfg, ids), atol=1e-4, rtol=1e-4)
+    assert_same_model(loaded, model, transformer_logits, seq=9)
 
 
 def test_transformers4_spelling_reads_the_same_model(tmp_path):
