@@ -75,7 +75,9 @@ def test_report_from_synthetic_rows(tmp_path):
     by = rows.set_index("id")
     assert by.loc["train-memory-reduction", "measured_value"] == pytest.approx((1 - 24 / 50) * 100)   # batch 4
     assert by.loc["infer-13b-memory-ratio", "verdict"] == cl.REPRODUCED
-    assert by.loc["train-ref-fused-activations", "verdict"] == cl.NOT_MEASURED
+    # ref-fused is in this build: measured beside fused, and not a claim of the paper
+    assert by.loc["train-ref-fused-activations", "verdict"] == cl.NOT_CLAIMED
+    assert by.loc["train-ref-fused-activations", "measured_value"] == pytest.approx(1.0)   # same synthetic rows
     assert (by["measured on"] == "GPU X, driver 1, commit abcdef1234").all()
     for name in ("report.md", "report.html", "claims.csv", "steps.csv"):
         assert (folder / name).stat().st_size > 0
