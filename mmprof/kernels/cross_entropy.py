@@ -222,39 +222,66 @@ def linear_cross_entropy(x, weight, labels, *, chunk_tokens=4096, ignore_index=-
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("mmprof::logsumexp_rows", mutates_args=("out",))
+def _logsumexp_rows(logits: torch.Tensor, out: torch.Tensor, chunk_rows: int, backend: str) -> None:
+    """out [N] fp32 <- logsumexp of each row of logits [N, V]: one Triton launch reading the logits in
+    their dtype, or PyTorch on `chunk_rows` rows at a time (fp32 copies of one chunk)."""
+    with device_guard(logits), autocast_off(logits.device.type):
+        if select_backend(backend, logits) == "triton" and logits.numel() > 0:
+            _logsumexp_triton(logits, out)
+        else:
+            for start, end in _chunks(logits.shape[0], chunk_rows):
+                _logsumexp_torch(logits[start:end], out[start:end])
+
+
+@_logsumexp_rows.register_fake
+def _(logits, out, chunk_rows, backend):
+    # what the GPU's Triton kernel allocates (nothing): the memory of a meta or fake-tensor trace must
+    # not depend on PyTorch's chunk loop, whose number of fp32 chunk copies grows with the rows
+    return None
+
+
+@torch.library.custom_op("mmprof::softmax_grad_rows_", mutates_args=("logits",))
+def _softmax_grad_rows(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int, backend: str
+) -> None:
+    """logits [N, V] <- softmax(logits) - onehot(labels) in place (zero on ignored rows), as above."""
+    with device_guard(logits), autocast_off(logits.device.type):
+        if select_backend(backend, logits) == "triton" and logits.numel() > 0:
+            _softmax_grad_triton(logits, labels, lse, ignore_index)
+        else:
+            for start, end in _chunks(logits.shape[0], chunk_rows):
+                _softmax_grad_torch(logits[start:end], labels[start:end], lse[start:end], ignore_index)
+
+
+@_softmax_grad_rows.register_fake
+def _(logits, labels, lse, ignore_index, chunk_rows, backend):
+    return None
+
+
 class _CrossEntropyInplace(torch.autograd.Function):
     """Keeps the logits (in their own dtype), one fp32 logsumexp per row and the labels, as the
     reference's `CrossEntropyLossFunction` with `inplace_backward=True`; backward overwrites the
-    logits with their gradient and returns them."""
+    logits with their gradient and returns them. The row-wise steps are the custom ops above."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, chunk_rows, backend):
-        triton_rows = select_backend(backend, logits) == "triton" and logits.numel() > 0
         lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
         valid = labels != ignore_index
         target = logits.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0].float()
-        with device_guard(logits), autocast_off(logits.device.type):
-            if triton_rows:
-                _logsumexp_triton(logits, lse)
-            else:
-                for start, end in _chunks(logits.shape[0], chunk_rows):
-                    _logsumexp_torch(logits[start:end], lse[start:end])
+        _logsumexp_rows(logits, lse, chunk_rows, backend)
         loss = torch.where(valid, lse - target, 0.0).sum() / valid.sum()
         ctx.save_for_backward(logits, lse, labels)
-        ctx.options = (ignore_index, chunk_rows, triton_rows)
+        ctx.options = (ignore_index, chunk_rows, backend)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, labels = ctx.saved_tensors
-        ignore_index, chunk_rows, triton_rows = ctx.options
+        ignore_index, chunk_rows, backend = ctx.options
         scale = grad_loss.float() / (labels != ignore_index).sum().clamp(min=1)
-        with device_guard(logits), autocast_off(logits.device.type):
-            if triton_rows:
-                _softmax_grad_triton(logits, labels, lse, ignore_index)
-            else:
-                for start, end in _chunks(logits.shape[0], chunk_rows):
-                    _softmax_grad_torch(logits[start:end], labels[start:end], lse[start:end], ignore_index)
+        _softmax_grad_rows(logits, labels, lse, ignore_index, chunk_rows, backend)
+        with autocast_off(logits.device.type):
             logits.mul_(scale.to(logits.dtype))
         return logits, None, None, None, None
 

@@ -94,8 +94,9 @@ def affine_scan(f: Tensor, i: Tensor, c0: Tensor | None, chunk_len: int | None =
             out[:, k].addcmul_(torch.cumprod(f_chunks[:, k], dim=1), carry.unsqueeze(1))
         carry = out[:, k, -1]
     c = out.view(batch, chunks * size, dim)
-    if pad:
-        c = c[:, :steps].contiguous()
+    if pad:  # a copy at every batch (at batch 1 the slice is contiguous already: .contiguous() would keep
+        # the padded storage, and the step's allocations would change with the batch)
+        c = c[:, :steps].clone(memory_format=torch.contiguous_format)
     return c, carry.clone()
 
 

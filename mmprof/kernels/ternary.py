@@ -48,11 +48,24 @@ def weight_quant(w: Tensor) -> Tensor:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype active for this device type, or None (also for types autocast lacks)."""
+    """The autocast dtype active for this device type, or None. Meta has no autocast: there it is the
+    dtype of the torch-function mode standing in for it (workloads/precision.py `MetaAutocast`, found
+    by its `meta_autocast_dtype`), so that an op choosing its own matmul dtype on meta chooses what it
+    would on a GPU under autocast."""
+    if device_type == "meta":
+        for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+            dtype = getattr(mode, "meta_autocast_dtype", None)
+            if dtype is not None:
+                return dtype
+        return None
+    return _real_autocast_dtype(device_type)
+
+
+def _real_autocast_dtype(device_type: str) -> torch.dtype | None:
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
+    except RuntimeError:  # a device type autocast does not know
         return None
     return None
 
@@ -66,7 +79,7 @@ def matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 @contextlib.contextmanager
 def autocast_off(device_type: str):
     """Run inner ops in exactly the dtypes they are given (the op chose its matmul dtype)."""
-    if autocast_dtype(device_type) is None:
+    if _real_autocast_dtype(device_type) is None:
         yield
     else:
         with torch.autocast(device_type=device_type, enabled=False):

@@ -59,6 +59,12 @@ class MetaAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
 
+    @property
+    def meta_autocast_dtype(self) -> torch.dtype:
+        """What `kernels.ternary.autocast_dtype("meta")` returns while this mode runs: the ops that pick
+        their matmul dtype themselves (the ref-fused BitLinear) pick autocast's."""
+        return self.dtype
+
     def _cast(self, value):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != self.dtype:
             return value.to(self.dtype)
