@@ -440,7 +440,7 @@ def decode_power(ctx, size, arch, weights, graph, batch, prompt_len, new_tokens,
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="a subset (1.3b batches 1,4,8; decode 1.3b and 13b): under 10 minutes on an H200")
+@click.option("--quick", is_flag=True, help="a subset (1.3b batches 1,4,8; decode 1.3b and 13b), planned to take under 10 minutes on an H200")
 @click.option("--device", default="auto", show_default=True,
               help="auto | cuda | cpu | meta (meta, or auto with no GPU: the memory panel from the estimate)")
 @click.option("--gpus", default=None, help="GPU index (default 0)")
