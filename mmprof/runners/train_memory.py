@@ -178,9 +178,12 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     trainer = make_trainer(_train_spec(cfg, spec), spec.device)
     apply_checkpointing(trainer.model, cfg.checkpointing)
     cuda = spec.device.startswith("cuda")
-    warm_s = time_fn(trainer.step, warmup=0, repeats=spec.warmup, device=spec.device).samples_s
-    # 20% headroom: warm-up steps can run slower than the steady state the window will see
-    steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / min(warm_s))) if warm_s else spec.steps
+    if spec.warmup:
+        time_fn(trainer.step, warmup=0, repeats=spec.warmup, device=spec.device)
+    # one more step, timed after the warm-up, sizes the window: the first warm-up step (compiling,
+    # autotuning) can be many times slower than the steady state, and with --warmup 1 it was all there was
+    probe_s = time_fn(trainer.step, warmup=0, repeats=1, device=spec.device).samples_s[0]
+    steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / probe_s))   # 20% headroom
     before = torch.cuda.memory_allocated(spec.device) if cuda else None
     with prof.window(cfg.label) as win:
         timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)
