@@ -39,19 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmprof.kernels.reference_ops import bitlinear_ref_fused, bitlinear_vanilla
-from mmprof.kernels.ternary import (  # noqa: F401  (the shared arithmetic, re-exported for older callers)
-    ACT_LEVELS,
+from mmprof.kernels.ternary import (
     NORM_EPS,
     REF_FUSED_EPS,
-    SCALE_FLOOR,
     act_quant,
     act_scale,
-    autocast_dtype as _autocast_dtype,
     autocast_off as _autocast_off,
     bitlinear_naive,
     matmul_dtype,
     rms_inv,
-    rms_norm,
     weight_quant,
 )
 

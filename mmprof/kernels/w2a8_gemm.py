@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mmprof.kernels._triton_util import autotune_configs, device_guard, round_half_even, row_block, select_backend
-from mmprof.kernels.bitlinear import ACT_LEVELS, NORM_EPS, SCALE_FLOOR, act_scale, rms_inv
+from mmprof.kernels.ternary import ACT_LEVELS, NORM_EPS, SCALE_FLOOR, act_scale, rms_inv
 from mmprof.kernels.ternary_pack import packed_words, unpack_ternary
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mmprof.kernels import w2a8_gemv_triton as tri
 from mmprof.kernels._triton_util import autotune_configs, device_guard, interpreting, select_backend
-from mmprof.kernels.bitlinear import NORM_EPS, SCALE_FLOOR
+from mmprof.kernels.ternary import NORM_EPS, SCALE_FLOOR
 from mmprof.kernels.mlgru_scan import mlgru_gates
 from mmprof.kernels.ternary_pack import packed_words
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref

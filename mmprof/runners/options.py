@@ -61,12 +61,11 @@ def check_estimate(estimate: bool, device: str) -> None:
 
 def get_config(size):
     """The shape of a size preset, a ModelConfig as given, or a --checkpoint's config.json."""
-    from mmprof.workloads import PRESETS, ModelConfig, get_config as preset
+    from mmprof.workloads import PRESETS, ModelConfig
+    from mmprof.workloads.build import resolve_config
 
-    if isinstance(size, ModelConfig):
-        return size
-    if size in PRESETS:
-        return preset(size)
+    if isinstance(size, ModelConfig) or size in PRESETS:
+        return resolve_config(size)
     from mmprof.workloads.checkpoint import read_config, resolve_checkpoint
 
     return read_config(resolve_checkpoint(size))[1]

@@ -13,7 +13,6 @@ from mmprof.results.schema import columns
 from mmprof.runners.options import fit_note, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
 from mmprof.workloads import ModelConfig, TrainSpec, get_config, make_trainer, model_flops_per_token
-from mmprof.workloads.build import resolve_config
 from mmprof.workloads.checkpointing import apply_checkpointing
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "checkpointing", "device", "shard",

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import BitLinear, matmul_dtype
+from mmprof.kernels.bitlinear import BitLinear
+from mmprof.kernels.ternary import matmul_dtype
 from mmprof.kernels.bitlinear_prologue import bitlinear_prologue, quantized_input, ternary_weight
 from mmprof.kernels.cross_entropy import cross_entropy_inplace, linear_cross_entropy
 from mmprof.kernels.mlgru import mlgru

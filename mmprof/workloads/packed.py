@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmprof.kernels.bitlinear import NORM_EPS, rms_norm
+from mmprof.kernels.ternary import NORM_EPS, rms_norm
 from mmprof.kernels.mlgru_scan import mlgru_gates, mlgru_scan
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary_pack import pack_weight, packed_words

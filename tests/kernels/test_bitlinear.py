@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.workloads.helpers import saved_activation_bytes
+from mmprof.kernels.ternary import weight_quant
 from mmprof.kernels.bitlinear import (
     BitLinear,
     _backward_reference,
     _forward_reference,
     bitlinear,
     register_bodies,
-    weight_quant,
 )
 
 SHAPES = {"3d-small": (2, 7, 32, 48), "2d-wide-out": (1, 5, 64, 200), "tall": (4, 33, 96, 24), "one-row": (1, 1, 16, 8)}

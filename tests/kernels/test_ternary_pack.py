@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmprof.kernels.bitlinear import weight_quant
+from mmprof.kernels.ternary import weight_quant
 from mmprof.kernels.ternary_pack import (
     CODE_MASK, pack_ternary, pack_weight, packed_words, ternary_quantize, unpack_ternary,
 )  # fmt: skip

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mmprof.kernels._triton_util import interpreting
-from mmprof.kernels.bitlinear import bitlinear, rms_norm
+from mmprof.kernels.bitlinear import bitlinear
+from mmprof.kernels.ternary import rms_norm
 from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
 from mmprof.kernels.w2a8_gemm import w2a8_matmul_ref
 from mmprof.kernels import w2a8_gemv as w2a8_gemv_module
