@@ -247,13 +247,22 @@ class Profiler:
         handle.measurement = self.end(name)
 
     def continuous_window(self, name: str, fn: Callable[[], object], min_s: float,
-                          max_calls: int | None = None) -> tuple[Measurement, int]:
+                          max_calls: int | None = None, lead_in_s: float = 0.0) -> tuple[Measurement, int]:
         """One window of fn called back to back until the host clock says min_s has passed (or
         max_calls were made): no synchronisation and no counter read between calls, so on a GPU the
         queue never drains and the window is the steady state; its end edge waits for the device, so
-        the window lasts at least min_s. Returns the window and the number of calls."""
+        the window lasts at least min_s. Returns the window and the number of calls.
+
+        lead_in_s: fn is first called (device synchronised after each call) for that long outside
+        the window, so the window opens on a device already at its working power, not on the idle
+        or the gap before it (the power reading and the counter both lag a change of load by up to
+        one ~100 ms update)."""
         if max_calls is not None and max_calls < 1:
             raise ValueError("max_calls must be at least 1")
+        t_lead = self.clock()
+        while lead_in_s > 0 and self.clock() - t_lead < lead_in_s:
+            fn()
+            synchronize(self.device)
         n = 0
         with self.window(name) as w:
             t_start = self.clock()

@@ -1,5 +1,7 @@
 """`decode-power`: prefill, then token-by-token decoding; timed generations for latency and speed, and
-`repeats` continuous energy windows of generations back to back (each >= min_window_s) for energy."""
+`repeats` continuous energy windows of decode steps only (each >= min_window_s) for energy: the
+steps of positions prompt_len..prompt_len + new_tokens - 1 replayed back to back, the decoder rewound
+to the end of the prompt between passes (no prefill, no gap, no counter read inside a window)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from mmprof.workloads.ternary_stats import ternary_stats, zero_fraction
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
 SWEPT = {"sizes", "archs"}   # spec lists a --resume may extend
+LEAD_IN_S = 0.5  # decode steps run before each energy window opens, so it opens at working power
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,19 @@ def _generation(dec, prompt, spec: DecodeSpec) -> None:
         token = dec.greedy_step(token)
 
 
+def _decode_pass(dec, token, start: int, spec: DecodeSpec):
+    """new_tokens - 1 greedy steps from position `start` (the end of the prompt), the decoder rewound
+    there first: the energy windows replay these steps back to back, with no prefill and no wait."""
+    dec.rewind(start)
+    for _ in range(spec.new_tokens - 1):
+        token = dec.greedy_step(token)
+    return token
+
+
 def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | None) -> dict:
     """Warm up; timed generations (TTFT, latency percentiles, tokens/s); idle; `repeats` energy windows
-    of generations back to back, each at least min_window_s; idle again. The arithmetic is row_energy's."""
+    of decode-step passes back to back (rewound between passes), each at least min_window_s after a
+    LEAD_IN_S lead-in; idle again. J/token is decode steps only. The arithmetic is row_energy's."""
     cuda = spec.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     if spec.checkpoint:
@@ -146,18 +159,24 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     else:
         prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
     dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
-    per_generation = spec.new_tokens * spec.batch
-    max_calls = -(-spec.max_window_tokens // per_generation) if spec.max_window_tokens else None
+    per_pass = (spec.new_tokens - 1) * spec.batch          # tokens of one energy-window pass (decode steps)
+    max_calls = -(-spec.max_window_tokens // per_pass) if spec.max_window_tokens else None
     with torch.inference_mode():
         _generation(dec, prompt, spec)                      # warm-up; also captures the CUDA graph
         with prof.window(f"all {cfg.label}") as whole:      # peak memory over everything decoded
             timed = [_timed_generation(dec, prompt, spec, prof, f"{cfg.label} #{k}") for k in range(spec.repeats)]
             before = prof.measure_idle(f"idle before {cfg.label}")
-            windows = [prof.continuous_window(f"decode {cfg.label} #{k}", lambda: _generation(dec, prompt, spec),
-                                              spec.min_window_s, max_calls) for k in range(spec.repeats)]
+            token = dec.prefill(prompt).argmax(-1)          # the windows decode from the end of this prompt
+            carry = {"token": token}
+
+            def decode_pass():
+                carry["token"] = _decode_pass(dec, carry["token"], prompt.shape[1], spec)
+
+            windows = [prof.continuous_window(f"decode {cfg.label} #{k}", decode_pass, spec.min_window_s,
+                                              max_calls, lead_in_s=LEAD_IN_S) for k in range(spec.repeats)]
             after = prof.measure_idle(f"idle after {cfg.label}")
     lat = [x for _, _, steps in timed for x in steps]
-    energy = row_energy([m for m, _ in windows], {"token": [n * per_generation for _, n in windows]},
+    energy = row_energy([m for m, _ in windows], {"token": [n * per_pass for _, n in windows]},
                         RowIdle(before, after), spec.min_window_s)
     wbytes, step_bytes = weight_bytes(model), streamed_bytes(model, spec.batch)
     # percentiles 1..99 of the per-token latencies, interpolated between the measured values
@@ -168,7 +187,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
         "prefill_s": statistics.median(p for p, _, _ in timed), "ttft_s": statistics.median(t for _, t, _ in timed),
         "latency_p50_ms": pct[49] * 1e3, "latency_p90_ms": pct[89] * 1e3,
         "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": steps_per_s * spec.batch,
-        "n_tokens_measured": sum(n for _, n in windows) * per_generation,
+        "n_tokens_measured": sum(n for _, n in windows) * per_pass,
         "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,
         "peak_reserved_gib": whole.measurement.peak_reserved_gib, "ternary_zero_frac": zeros,

@@ -42,6 +42,13 @@ class StaticDecoder(Protocol):
         no host synchronisation (the position, where there is one, lives on the device)."""
         ...
 
+    def rewind(self, position: int) -> None:
+        """Make the next step write at `position` (at most the current one), queued on the device
+        with no host synchronisation. A KV cache keeps what lies before it and is overwritten after
+        it; a recurrent state has no position and is kept (each step costs the same wherever it is),
+        so the steps after a rewind cost what the first steps from there cost."""
+        ...
+
 
 def check_room(decoder, batch: int, start: int, tokens: int) -> None:
     """UserError unless `batch` is the decoder's and `tokens` more fit after position `start`."""
@@ -156,6 +163,14 @@ class GraphDecoder:
             return self.decoder.step(ids).argmax(-1)
         self._replay(ids)
         return self._ids
+
+    def rewind(self, position: int) -> None:
+        """Steps continue at `position` (1 <= position <= length) with the state the static decoder
+        keeps (its `rewind`); energy windows replay the decode steps of one range back to back."""
+        if not 1 <= position <= self.length:
+            raise UserError(f"decoder: rewind to {position} outside 1..{self.length}")
+        self.decoder.rewind(position)
+        self.length = position
 
     def _next_position(self, next_ids: Tensor) -> Tensor:
         if self.length == 0:

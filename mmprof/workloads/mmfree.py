@@ -257,3 +257,6 @@ class MMFreeStaticDecoder:
 
     def step(self, ids: Tensor) -> Tensor:
         return self._run(ids.reshape(self.batch, 1))
+
+    def rewind(self, position: int) -> None:
+        """The recurrent state has no position: kept as it is (see StaticDecoder.rewind)."""

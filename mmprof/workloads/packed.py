@@ -221,3 +221,6 @@ class PackedStaticDecoder:
 
     def step(self, ids: Tensor) -> Tensor:
         return self.model.step(ids.reshape(self.batch), self.state, self.token_sums)
+
+    def rewind(self, position: int) -> None:
+        """The recurrent state has no position: kept as it is (see StaticDecoder.rewind)."""

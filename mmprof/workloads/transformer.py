@@ -282,6 +282,11 @@ class TransformerStaticDecoder:
         self.pos.fill_(steps)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
+    def rewind(self, position: int) -> None:
+        """The next step writes at `position`: `pos` is set on the device (no host sync); the cache
+        before it is kept, after it overwritten by the steps that follow."""
+        self.pos.fill_(position)
+
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
         """ids [B] at position `pos` -> logits [B, vocab]; `pos` advances. Never past max_len: not checked."""
