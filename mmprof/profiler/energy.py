@@ -39,6 +39,20 @@ def integrate_power_j(t_s: Sequence[float], power_w: Sequence[float],
     return sum((b[0] - a[0]) * (a[1] + b[1]) / 2.0 for a, b in zip(points, points[1:]))
 
 
+def counter_update_time(t_s: Sequence[float], counter: Sequence[float], edge_t_s: float, edge_value: float,
+                        max_gap_s: float, horizon_s: float = 0.3) -> float | None:
+    """When a stepwise counter took the value an edge read at edge_t_s, from sampled reads of it:
+    midway between the last sampled read before the edge that was lower and the first read after
+    that one (sampled, or the edge's own) that was not. None when those two reads are more than
+    max_gap_s apart (too sparse to place the update) or the lower one is older than horizon_s."""
+    lower = [t for t, c in zip(t_s, counter) if c == c and t < edge_t_s and c < edge_value]
+    if not lower or edge_t_s - max(lower) > horizon_s:
+        return None
+    t_lo = max(lower)
+    t_hi = min([t for t, c in zip(t_s, counter) if c == c and t_lo < t < edge_t_s and c >= edge_value] + [edge_t_s])
+    return (t_lo + t_hi) / 2.0 if t_hi - t_lo <= max_gap_s else None
+
+
 def count_updates(values: Sequence[float]) -> int:
     """How many distinct readings a stepwise signal showed: runs of equal consecutive values."""
     runs, last = 0, None

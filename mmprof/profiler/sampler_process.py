@@ -24,7 +24,7 @@ from pathlib import Path
 from .gpu import GpuSource
 from .host import HostSource
 from .nvml import _REASONS, _unavailable
-from .sampler import COUNTER_EVERY, GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
+from .sampler import GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
 from .sampler_child import FIELDS, RECORD
 
 assert FIELDS == GPU_FIELDS
@@ -45,7 +45,9 @@ def _last_cpu() -> int | None:
 
 class ProcessSampler(TraceReader):
     def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float, slow_every: int = 10,
-                 counter_every: int = COUNTER_EVERY):
+                 counter_every: int = 1):
+        # the counter every tick (its ~4 ms read is the child's time, not the workload's): windows
+        # place the counter's ~100 ms updates that finely and integrate power over the span it covers
         if hz <= 0:
             raise ValueError("sample rate must be positive")
         self.gpus = gpus

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .energy import count_updates, integrate_power_j, sum_by_index
+from .energy import count_updates, counter_update_time, integrate_power_j, sum_by_index
 from .gpu import GpuSource, Unavailable
 from .host import HostSource
 from .measurement import GIB, Measurement
 from .row_energy import MIN_WINDOW_S, above_idle_j, confidence_reasons
 from .sampler import Sampler
+
+
+ALIGN_MAX_GAP_S = 0.025   # counter reads this close place an update to within ~1/8 of NVML's 100 ms period
+COUNTER_HORIZON_S = 0.3   # look this far before an edge for the counter's previous value
 
 
 @dataclass
@@ -82,6 +86,7 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
     if ctx.sampler.error is not None:
         m.notes.append(f"sampler stopped early: {ctx.sampler.error!r}")
     integrals, powers, updates, mem_peaks, missing, counter_updates = {}, [], [], [], [], []
+    avg_w = []   # per GPU: its integral over the span it covers
     lo, hi = ctx.sampler.tick_range(start.t_s, end.t_s)
     m.n_samples = hi - lo
     for pos, g in enumerate(ctx.gpus):
@@ -95,13 +100,17 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         mem = [x for x in v_in["mem_used_bytes"] if x == x]
         if mem:
             mem_peaks.append(max(mem))
-        j = integrate_power_j(t_all, v_all["power_w"], start.t_s, end.t_s) if trace.power_source else None
+        a, b = _counter_window(ctx.sampler, pos, g.index, lo, hi, start, end)
+        if (a, b) != (start.t_s, end.t_s):
+            t_all, v_all = ctx.sampler.gpu_rows(pos, first - _back_ticks(ctx.sampler), hi + 1)
+        j = integrate_power_j(t_all, v_all["power_w"], a, b) if trace.power_source else None
         if j is None:
             missing.append(f"GPU {g.index}: {trace.reasons.get('power_w', 'no power sample in the window')}")
             continue
         if trace.power_source == "average":
             m.notes.append(f"GPU {g.index} power is nvmlDeviceGetPowerUsage, not instant power")
         integrals[g.index] = j
+        avg_w.append(j / (b - a) if b > a else None)
         powers.append(v_in["power_w"])
         updates.append(count_updates(v_in["power_w"]))
     if len(counter_updates) == len(ctx.gpus):
@@ -117,14 +126,33 @@ def _power_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext) -> di
         return integrals
     m.energy_integral_j = sum(integrals.values())
     m.n_power_updates = min(updates)
-    if m.duration_s > 0:
-        m.power_avg_w = m.energy_integral_j / m.duration_s
+    if m.duration_s > 0 and None not in avg_w:
+        m.power_avg_w = sum(avg_w)
     peaks = [p for p in sum_by_index(powers) if p == p]
     if peaks:
         m.power_peak_w = max(peaks)
     else:
         m.unavailable["power_peak_w"] = "no power sample inside the window"
     return integrals
+
+
+def _back_ticks(sampler) -> int:
+    return int(COUNTER_HORIZON_S / sampler.period_s) + 2
+
+
+def _counter_window(sampler, pos: int, index: int, lo: int, hi: int, start: Edge, end: Edge) -> tuple[float, float]:
+    """The span the counter's two edge readings really cover: NVML's counter moves in ~100 ms steps,
+    so a reading holds the energy up to its last update, not up to the read. Where the sampler read
+    the counter densely (every tick, <= ALIGN_MAX_GAP_S apart: the sampling process) the updates are
+    placed between the reads around them, and the power integral is taken over exactly that span;
+    otherwise (or for an edge it cannot place) over the edges' read times."""
+    if index not in start.energy_mj or index not in end.energy_mj:
+        return start.t_s, end.t_s
+    t, v = sampler.gpu_rows(pos, max(0, lo - _back_ticks(sampler)), hi + 1)
+    counter = v["energy_mj"]
+    a = counter_update_time(t, counter, start.t_s, start.energy_mj[index], ALIGN_MAX_GAP_S, COUNTER_HORIZON_S)
+    b = counter_update_time(t, counter, end.t_s, end.energy_mj[index], ALIGN_MAX_GAP_S, COUNTER_HORIZON_S)
+    return (a if a is not None else start.t_s), (b if b is not None else end.t_s)
 
 
 def _energy_fields(m: Measurement, start: Edge, end: Edge, ctx: GpuContext, integrals: dict[int, float]) -> None:

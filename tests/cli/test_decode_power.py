@@ -116,3 +116,30 @@ def test_decode_packed_weights(tmp_path):
     packed = by_arch["mmfree"]
     # a step reads the packed weights but one embedding row, so less than all the weights held
     assert 0 < float(packed["bytes_per_step_gib"]) < float(packed["weights_gib"])
+
+
+def test_rewind_windows_on_a_100ms_step_nvml(monkeypatch):
+    """Windows of decode steps replayed back to back on NVML that moves in 100 ms steps and samples
+    power part time: each window is long enough, spans >= 20 counter updates, agrees with its power
+    integral, and runs no prefill (prefills do not grow with the number of passes)."""
+    import time
+
+    from mmprof.workloads.decode import GraphDecoder
+    from tests.profiler.fakes import SteppedGpu
+
+    prefills = []
+    real_prefill = GraphDecoder.prefill
+    monkeypatch.setattr(GraphDecoder, "prefill", lambda self, ids: prefills.append(1) or real_prefill(self, ids))
+    gpu = SteppedGpu(lambda t: 300.0, time.monotonic)
+    spec = dp.DecodeSpec(sizes=("tiny",), archs=("transformer",), prompt_len=3, new_tokens=5, repeats=2,
+                         device="cpu", min_window_s=2.2, idle_s=0.2)
+    with Profiler(device="cpu", gpu_source=gpu, idle_s=0.2, sample_hz=100, min_window_s=2.2) as prof:
+        row = dp.measure(dp.configs(spec)[0], spec, prof, None)
+    assert row["energy_window_min_s"] >= 2.2 and row["n_counter_updates"] >= 20
+    assert abs(row["counter_integral_diff_pct"]) < 2.0 and row["low_confidence"] == 0, row["note"]
+    assert row["n_tokens_measured"] % 4 == 0 and row["n_tokens_measured"] > 100 * 4   # many passes of 4 steps
+    assert len(prefills) == 1 + spec.repeats + 1      # warm-up, timed generations, once before the windows
+    assert row["power_avg_w"] == pytest.approx(300.0, rel=0.02)
+    decode = [p for p in prof.phases if p.label.startswith("decode")]
+    assert len(decode) == 2 and not any(p.label.startswith("prefill") and decode[0].t_start_s < p.t_start_s
+                                        for p in prof.phases)

@@ -42,11 +42,12 @@ def _aligned_load(update_s: float = 0.1, fraction: float = 0.25, high: float = 6
     return power_at
 
 
-def _window(gpu: SteppedGpu, clock: ScriptedClock, seconds: float, min_window_s: float = 5.0) -> Measurement:
-    sampler = Sampler([gpu], None, hz=1 / TICK_S, clock=clock)
+def _window(gpu: SteppedGpu, clock: ScriptedClock, seconds: float, min_window_s: float = 5.0,
+            counter_every: int = 5, ticks_before: int = 5) -> Measurement:
+    sampler = Sampler([gpu], None, hz=1 / TICK_S, clock=clock, counter_every=counter_every)
     ctx = GpuContext([gpu], sampler, None, None, "none", min_window_s)
     n = 0
-    for _ in range(5):                   # a few ticks before the window, as the running thread has
+    for _ in range(ticks_before):        # ticks before the window, as the running sampler has
         sampler.tick(n)
         n += 1
         clock.advance(TICK_S)
@@ -150,3 +151,21 @@ def test_row_median_spread_idle_and_flag():
 def test_row_without_idle_after_says_why():
     row = row_energy([_m(6.0, 600.0, 600.0)], {"token": [100]}, RowIdle(IdleReading(50.0), IdleReading(None, "x")))
     assert row["idle_power_w"] == 50.0 and row["idle_drift_w"] is None and "idle_drift_w empty: x" in row["note"]
+
+
+def test_integral_covers_the_counters_own_window():
+    """The counter holds the energy up to its last 100 ms update, not up to the edge's read: read every
+    tick (as the sampling process does), its updates are placed between reads and the power integral
+    taken over the span the counter covers, so the two agree on windows of any phase and length."""
+    aligned, edges = [], []
+    for offset in (0.0, 0.013, 0.031, 0.052, 0.074, 0.093):
+        for every, out in ((1, aligned), (5, edges)):
+            clock = ScriptedClock()
+            gpu = SteppedGpu(lambda t: 400.0, clock)
+            clock.advance(offset)
+            m = _window(gpu, clock, 1.05, min_window_s=1.0, counter_every=every, ticks_before=30)
+            out.append(100 * (m.energy_integral_j - m.energy_j) / m.energy_j)
+            if every == 1:
+                assert m.power_avg_w == pytest.approx(400.0, rel=1e-6)
+    assert max(map(abs, aligned)) < 1.0, aligned       # placed to within one 10 ms tick of 1.05 s
+    assert max(map(abs, edges)) > 2.0, edges           # over the reads' own times: off by up to 100 ms

@@ -19,7 +19,8 @@ def _sampler(gpus, ts, powers):
         for t, p in zip(ts, ps):
             trace.t_s.append(t)
             for f in GPU_FIELDS:
-                trace.values[f].append(p if f == "power_w" else (2.0 * 2**30 if f == "mem_used_bytes" else 1.0))
+                trace.values[f].append(p if f == "power_w" else (2.0 * 2**30 if f == "mem_used_bytes" else
+                                       math.nan if f == "energy_mj" else 1.0))   # counter not sampled
     return s
 
 
