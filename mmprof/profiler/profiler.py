@@ -187,6 +187,11 @@ class Profiler:
         return "process" if isinstance(self._sampler, ProcessSampler) else "thread"
 
     @property
+    def sampler(self) -> Sampler | ProcessSampler | None:
+        """The running sampler (scripts/profiler_check.py pauses the sampling process with it)."""
+        return self._sampler
+
+    @property
     def power_sources(self) -> dict[int, str | None]:
         """GPU index -> "instant" | "average" | None (not sampled)."""
         return {tr.gpu: tr.power_source for tr in self._sampler.traces} if self._sampler else {}

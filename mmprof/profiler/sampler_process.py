@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 from .gpu import GpuSource
 from .host import HostSource
 from .nvml import _REASONS, _unavailable
-from .sampler import GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
+from .sampler import COUNTER_EVERY, GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
 from .sampler_child import FIELDS, RECORD
 
 assert FIELDS == GPU_FIELDS
@@ -45,9 +46,12 @@ def _last_cpu() -> int | None:
 
 class ProcessSampler(TraceReader):
     def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float, slow_every: int = 10,
-                 counter_every: int = 1):
-        # the counter every tick (its ~4 ms read is the child's time, not the workload's): windows
-        # place the counter's ~100 ms updates that finely and integrate power over the span it covers
+                 counter_every: int | None = None):
+        # the counter every tick for up to 2 GPUs (its ~4 ms read is the child's time, not the
+        # workload's): windows place the counter's ~100 ms updates that finely and integrate power
+        # over the span it covers; more GPUs would not fit a 10 ms tick, and read it every 5th
+        if counter_every is None:
+            counter_every = 1 if len(gpus) <= 2 else COUNTER_EVERY
         if hz <= 0:
             raise ValueError("sample rate must be positive")
         self.gpus = gpus
@@ -96,6 +100,7 @@ class ProcessSampler(TraceReader):
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
+            self.resume()   # a paused process could not see its stdin close
             self._proc.stdin.close()
             try:
                 self._proc.wait(timeout=5)
@@ -111,6 +116,16 @@ class ProcessSampler(TraceReader):
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def pause(self) -> None:
+        """Stop the sampling process where it is (SIGSTOP; no samples until resume): lets a check
+        time the same workload with and without sampling, interleaved, in one session."""
+        if self.running:
+            os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            os.kill(self._proc.pid, signal.SIGCONT)
 
     # ----- reading -----
     def _refresh(self) -> int:

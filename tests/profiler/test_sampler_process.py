@@ -64,3 +64,22 @@ def test_profiler_windows_from_the_sampling_process(child_sees_fake_nvml):
     assert m.energy_integral_j == pytest.approx(m.energy_j, rel=0.03)
     assert 4 <= m.n_counter_updates <= 8                         # 100 ms steps in a 0.6 s window
     assert m.confidence_reasons == [f"{m.n_counter_updates} counter updates < 20"]
+
+
+def test_a_paused_sampling_process_takes_no_samples_and_still_stops(child_sees_fake_nvml):
+    sampler = ProcessSampler([ScriptedGpu(0)], None, hz=100)
+    sampler.start()
+    try:
+        sampler.pause()
+        time.sleep(0.05)
+        sampler._refresh()
+        n = len(sampler.traces[0].t_s)
+        time.sleep(0.3)
+        sampler._refresh()
+        assert len(sampler.traces[0].t_s) == n       # stopped: nothing written for 0.3 s
+        sampler.resume()
+        assert sampler.wait_past(time.monotonic(), timeout_s=1.0)
+        sampler.pause()                                # stop() resumes it before asking it to end
+    finally:
+        sampler.stop()
+    assert sampler._proc.returncode == 0
