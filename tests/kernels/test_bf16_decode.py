@@ -39,6 +39,31 @@ def test_gemv_equals_its_twin(rows, cols, mode, dtype):
     assert rel_rms(got, want) < TOLERANCE[dtype]
 
 
+GPU_SPLIT_SHAPES = [(2048, 2048), (2048, 5632), (2560, 2560), (2560, 6912), (5120, 5120), (5120, 13824)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("rows,cols,split", [(3, 70, 3), (40, 200, 2), (96, 130, 4)]
+                         + ([(n, kk, s) for n, kk in GPU_SPLIT_SHAPES for s in (2, 4, 8)] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("residual", [False, True])
+def test_split_k_gemv_equals_its_twin(rows, cols, split, residual, dtype):
+    torch.manual_seed(rows + cols + split)
+    a = torch.randn(cols, device=DEVICE).to(dtype)
+    w = (torch.randn(rows, cols, device=DEVICE) / cols**0.5).to(dtype)
+    out = torch.randn(rows, device=DEVICE).to(dtype) if residual else None
+    blocks = k.GemvBlocks(rows=16, cols=256, split=split)
+    got = k.gemv(a, w, None if out is None else out.clone(), residual=residual, blocks=blocks)
+    want = k.gemv_ref(a, w, None if out is None else out.clone(), residual=residual)
+    assert got.shape == (rows,) and got.dtype == dtype
+    assert rel_rms(got, want) < TOLERANCE[dtype]
+
+
+def test_split_k_is_for_plain_products_only():
+    with pytest.raises(ValueError, match="split-K"):
+        k.gemv(torch.ones(4), torch.ones(6, 4), norm=torch.ones(4), glu=True, blocks=k.GemvBlocks(split=2))
+
+
 def test_gemv_with_a_residual_needs_an_output():
     with pytest.raises(ValueError, match="out"):
         k.gemv(torch.ones(4), torch.ones(3, 4), residual=True)
