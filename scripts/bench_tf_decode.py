@@ -119,8 +119,9 @@ def eager_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sweep(model, sd, repeats: int) -> dict:
-    """Fastest launch shape per product, each timed over all layers' weights in turn."""
+def sweep(model, sd, repeats: int, own: bool = False) -> dict:
+    """Fastest launch shape per product, each timed over all layers' weights in turn (`own`: only
+    the decoder's own shape of each product and its attention block: a per-product table)."""
     layers = model.model.layers
     cfg = model.config
     x = torch.randn(cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -146,7 +147,8 @@ def sweep(model, sd, repeats: int) -> dict:
     for name, fn in products.items():
         nbytes = weights[name].numel() * 2 * copies[name]
         line = []
-        for shape in SHAPES + (SPLIT_SHAPES if name in ("o_proj", "down_proj") else []):
+        shapes = [sd.blocks[name]] if own else SHAPES + (SPLIT_SHAPES if name in ("o_proj", "down_proj") else [])
+        for shape in shapes:
             try:
                 s = events_s(lambda: fn(shape), repeats)
             except Exception as e:  # noqa: BLE001 - a shape that fails to compile is reported, not fatal
@@ -158,7 +160,7 @@ def sweep(model, sd, repeats: int) -> dict:
                 best[name] = (s, shape)
         print(f"  {name} {tuple(weights[name].shape)}: " + " | ".join(line), flush=True)
     # attention: the Triton kernel's key block against SDPA over the whole padded cache
-    for block_t in (32, 64, 128):
+    for block_t in (sd.attend_block,) if own else (32, 64, 128):
         s = events_s(lambda: [k.attend(sd.q, cache.k[n, 0], cache.v[n, 0], pos, sd.attn_out, block_t)
                               for n in range(len(layers))], repeats)
         print(f"  attend block_t {block_t}: {s / len(layers) * 1e6:.1f}us per layer (41 keys)", flush=True)
@@ -207,7 +209,10 @@ def profile_table(label: str, model, sd, decoder, prompt, steps: int, step_s: fl
     events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
     if not events or len(events) % steps:
-        print(f"  {label}: profiler saw {len(events)} GPU events over {steps} replays: no per-launch table", flush=True)
+        print(f"  {label}: profiler saw {len(events)} GPU events over {steps} replays: no per-launch table"
+              + ("; each product's launches as one graph instead:" if sd.backend == "triton" else ""), flush=True)
+        if sd.backend == "triton":
+            sweep(model, sd, 3, own=True)
         return
     per = len(events) // steps
     layers = len(model.model.layers)
