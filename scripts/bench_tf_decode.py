@@ -119,6 +119,18 @@ def eager_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def tie_gap(model, prompt, ids, first: int) -> str:
+    """At the first token where a backend's greedy ids leave the eager decoder's: how far below the
+    eager model's best logit (given the backend's prefix) the backend's choice is, against the top
+    logit: a bf16 near-tie (summation order) reads as a gap of a few thousandths of it."""
+    if first < 0:
+        return ""
+    prefix = torch.cat([prompt, ids[None, :first]], 1)
+    logits = Decoder(model, 1, prefix.shape[1]).prefill(prefix)[0].float()
+    top = logits.max()
+    return f"; eager gap there {float(top - logits[ids[first]]):.4f} of top {float(top):.3f}"
+
+
 def sweep(model, sd, repeats: int, own: bool = False) -> dict:
     """Fastest launch shape per product, each timed over all layers' weights in turn (`own`: only
     the decoder's own shape of each product and its attention block: a per-product table)."""
@@ -178,15 +190,18 @@ def _role_bytes(model, sd, keys: float) -> dict:
 
 
 def _label(names: list[str], layers: int) -> list[str]:
-    """Roles of one Triton step's kernels in launch order (gemvs: o_proj, gate_up, down_proj by
-    layer, then lm_head); other kernels keep their (shortened) names."""
+    """Roles of one Triton step's kernels in launch order (gemvs, split-K partial products among
+    them: o_proj, gate_up, down_proj by layer, then lm_head); other kernels keep their (shortened)
+    names."""
     out, gemvs = [], 0
     for name in names:
         if "_qkv_rope_kernel" in name:
             out.append("qkv")
         elif "_attend_kernel" in name:
             out.append("attend")
-        elif "_gemv_kernel" in name:
+        elif "_gemv_sum_kernel" in name:
+            out.append("split-K sum")
+        elif "_gemv_kernel" in name or "_gemv_part_kernel" in name:
             out.append("lm_head" if gemvs == 3 * layers else ("o_proj", "gate_up", "down_proj")[gemvs % 3])
             gemvs += 1
         else:
@@ -293,7 +308,8 @@ def main() -> None:
                 name = backend if backend in ("torch", "triton", "compile") and not blocks else \
                     ("triton-swept" if backend == "triton" else f"triton-{backend}")
                 print(f"{size} | {name} | {rate:.1f} | {1e3 / rate:.3f} | {step_bytes / 2**30:.3f} | {gbps:.0f} | "
-                      f"{gbps / copy:.3f} | {same} (first differing token {first})", flush=True)
+                      f"{gbps / copy:.3f} | {same} (first differing token {first}{tie_gap(model, prompt, ids, first)})",
+                      flush=True)
                 if args.profile:
                     profile_table(f"{size} {name}", model, sd, graph, prompt, args.profile_steps, 1 / rate)
         del model
