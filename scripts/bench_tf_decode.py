@@ -296,6 +296,11 @@ def main() -> None:
                 print(f"  fastest: {tuned}", flush=True)
                 variants.append(("triton", tuned))
             for backend, blocks in variants:
+                if time.time() - t0 > args.budget_s:
+                    print(f"{size} | {backend}: skipped (budget)", flush=True)
+                    continue
+                name = backend if backend in ("torch", "triton", "compile") and not blocks else \
+                    ("triton-swept" if backend == "triton" else f"triton-{backend}")
                 sd = model.static_decoder(1, max_len, backend=backend if backend in ("torch", "compile") else "triton")
                 if blocks:
                     sd.attend_block = blocks.pop("attend_block", sd.attend_block)
@@ -305,8 +310,6 @@ def main() -> None:
                 gbps = step_bytes * rate / 1e9
                 same = int((ids == eager).all())
                 first = int((ids != eager).nonzero()[0]) if not same else -1
-                name = backend if backend in ("torch", "triton", "compile") and not blocks else \
-                    ("triton-swept" if backend == "triton" else f"triton-{backend}")
                 print(f"{size} | {name} | {rate:.1f} | {1e3 / rate:.3f} | {step_bytes / 2**30:.3f} | {gbps:.0f} | "
                       f"{gbps / copy:.3f} | {same} (first differing token {first}{tie_gap(model, prompt, ids, first)})",
                       flush=True)
