@@ -32,12 +32,16 @@ from mmprof.kernels._triton_util import interpreting
 @dataclass(frozen=True)
 class GemvBlocks:
     """Launch shape of a matrix-vector kernel: `rows` output rows per program (for the GLU and
-    rotary kernels, rows of each half), `cols` input columns per loop step."""
+    rotary kernels, rows of each half), `cols` input columns per loop step. `split` > 1 (plain and
+    residual `gemv` only): split-K, each row's columns cut into `split` ranges, one program each,
+    the fp32 partial sums added (with the residual) and rounded by a second, small launch: more
+    programs for products with few rows (o_proj, down_proj) than the SMs would otherwise get."""
 
     rows: int = 16
     cols: int = 512
     warps: int = 4
     stages: int = 4
+    split: int = 1
 
 
 INTERPRET_BLOCKS = GemvBlocks(rows=64, cols=128, warps=1, stages=1)  # few, wide programs: the interpreter runs each in turn
@@ -103,6 +107,51 @@ def _gemv_kernel(a_ptr, w_ptr, out_ptr, norm_ptr, K, N, eps,
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _gemv_part_kernel(a_ptr, w_ptr, part_ptr, K, N, K_PER,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[s, n] = W[n, s*K_PER : (s+1)*K_PER] . a[...] in fp32 (s: the second program index)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    start = tl.program_id(1) * K_PER
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K_PER, BLOCK_K):
+        k = start + k0 + cols
+        k_ok = (k < K) & (k0 + cols < K_PER)
+        a = tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * a[None, :]
+    tl.store(part_ptr + tl.program_id(1) * N + rows, tl.sum(acc, 1), mask=row_ok)
+
+
+@triton.jit
+def _gemv_sum_kernel(part_ptr, out_ptr, N, SPLIT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum over s of part[s, n] (+ out[n] with RESIDUAL), rounded once."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * N + rows, mask=ok, other=0.0)
+    if RESIDUAL:
+        acc += tl.load(out_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _gemv_split(a: Tensor, weight: Tensor, out: Tensor, residual: bool, blocks: GemvBlocks) -> Tensor:
+    """Split-K `gemv` (see GemvBlocks.split): a partial-sum launch and a summing launch."""
+    N, K = weight.shape
+    block_n, block_k, opts = _launch(blocks, triton.cdiv(K, blocks.split))
+    k_per = triton.cdiv(triton.cdiv(K, blocks.split), block_k) * block_k  # whole column blocks a range
+    split = triton.cdiv(K, k_per)
+    part = torch.empty(split, N, device=a.device, dtype=torch.float32)
+    _gemv_part_kernel[(triton.cdiv(N, block_n), split)](a, weight, part, K, N, k_per,
+                                                       BLOCK_N=block_n, BLOCK_K=block_k, **opts)
+    block = min(1024, triton.next_power_of_2(N))
+    _gemv_sum_kernel[(triton.cdiv(N, block),)](part, out, N, SPLIT=split, RESIDUAL=residual, BLOCK=block)
+    return out
+
+
 def gemv(a: Tensor, weight: Tensor, out: Tensor | None = None, *, norm: Tensor | None = None,
          eps: float = 1e-6, glu: bool = False, residual: bool = False,
          blocks: GemvBlocks = GemvBlocks()) -> Tensor:
@@ -115,6 +164,10 @@ def gemv(a: Tensor, weight: Tensor, out: Tensor | None = None, *, norm: Tensor |
         if residual:
             raise ValueError("gemv(residual=True) adds into `out`: give it")
         out = torch.empty(rows_out, device=a.device, dtype=a.dtype)
+    if blocks.split > 1:
+        if norm is not None or glu:
+            raise ValueError("gemv: split-K (blocks.split > 1) is for the plain and residual products only")
+        return _gemv_split(a, weight, out, residual, blocks)
     block_n, block_k, opts = _launch(blocks, K)
     grid = (triton.cdiv(rows_out, block_n),)
     _gemv_kernel[grid](a, weight, out, norm if norm is not None else a, K, rows_out, eps,

@@ -239,7 +239,11 @@ class TransformerStaticDecoder:
     o_proj into the residual, norm+gate/up+SiLU-GLU, down_proj into the residual); other batches,
     CPU tensors and "torch" run the PyTorch step above. "triton" asks for the kernels (on a CPU
     only under TRITON_INTERPRET=1). `blocks` (name -> GemvBlocks) sets their launch shapes.
+    "compile" runs the PyTorch step through torch.compile (COMPILE_MODE; compiled at the first
+    step, which GraphDecoder's warm-up takes before it captures), at any batch.
     """
+
+    COMPILE_MODE = "max-autotune-no-cudagraphs"
 
     def __init__(self, model: TransformerLM, batch: int, max_len: int, device=None, backend: str = "auto"):
         weight = model.model.embed_tokens.weight
@@ -261,6 +265,9 @@ class TransformerStaticDecoder:
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.backend = _step_backend(backend, cfg, batch, device)
+        if self.backend == "compile":
+            # gpt-fast's way: inductor's kernels (autotuned, its own CUDA graphs off) inside our graph
+            self._compiled_step = torch.compile(self._torch_step, mode=self.COMPILE_MODE, dynamic=False)
         if self.backend == "triton":
             self.cos_half, self.sin_half = cos[:, :half].to(dtype).contiguous(), sin[:, :half].to(dtype).contiguous()
             self.q = torch.empty(cfg.num_heads * cfg.head_dim, device=device, dtype=dtype)
@@ -292,6 +299,12 @@ class TransformerStaticDecoder:
         """ids [B] at position `pos` -> logits [B, vocab]; `pos` advances. Never past max_len: not checked."""
         if self.backend == "triton":
             return self._triton_step(ids)
+        if self.backend == "compile":
+            return self._compiled_step(ids)
+        return self._torch_step(ids)
+
+    def _torch_step(self, ids: Tensor) -> Tensor:
+        """The PyTorch step (see the class docstring)."""
         cfg, cache, pos, batch = self.model.config, self.cache, self.pos, self.batch
         heads, kv_heads, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, hd]
@@ -335,8 +348,10 @@ class TransformerStaticDecoder:
 
 def _step_backend(backend: str, cfg: ModelConfig, batch: int, device: torch.device) -> str:
     """"triton" where the batch-1 kernels apply and are asked for (or "auto" on CUDA), else "torch"."""
-    if backend not in ("auto", "triton", "torch"):
-        raise UserError(f"static decoder backend must be auto, triton or torch, got {backend!r}")
+    if backend not in ("auto", "triton", "torch", "compile"):
+        raise UserError(f"static decoder backend must be auto, triton, torch or compile, got {backend!r}")
+    if backend == "compile":
+        return "compile"
     hd = cfg.head_dim
     fits = batch == 1 and hd >= 2 and hd & (hd - 1) == 0
     if backend == "torch" or (backend == "auto" and (device.type != "cuda" or not fits)):

@@ -39,6 +39,31 @@ def test_gemv_equals_its_twin(rows, cols, mode, dtype):
     assert rel_rms(got, want) < TOLERANCE[dtype]
 
 
+GPU_SPLIT_SHAPES = [(2048, 2048), (2048, 5632), (2560, 2560), (2560, 6912), (5120, 5120), (5120, 13824)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("rows,cols,split", [(3, 70, 3), (40, 200, 2), (96, 130, 4)]
+                         + ([(n, kk, s) for n, kk in GPU_SPLIT_SHAPES for s in (2, 4, 8)] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("residual", [False, True])
+def test_split_k_gemv_equals_its_twin(rows, cols, split, residual, dtype):
+    torch.manual_seed(rows + cols + split)
+    a = torch.randn(cols, device=DEVICE).to(dtype)
+    w = (torch.randn(rows, cols, device=DEVICE) / cols**0.5).to(dtype)
+    out = torch.randn(rows, device=DEVICE).to(dtype) if residual else None
+    blocks = k.GemvBlocks(rows=16, cols=256, split=split)
+    got = k.gemv(a, w, None if out is None else out.clone(), residual=residual, blocks=blocks)
+    want = k.gemv_ref(a, w, None if out is None else out.clone(), residual=residual)
+    assert got.shape == (rows,) and got.dtype == dtype
+    assert rel_rms(got, want) < TOLERANCE[dtype]
+
+
+def test_split_k_is_for_plain_products_only():
+    with pytest.raises(ValueError, match="split-K"):
+        k.gemv(torch.ones(4), torch.ones(6, 4), norm=torch.ones(4), glu=True, blocks=k.GemvBlocks(split=2))
+
+
 def test_gemv_with_a_residual_needs_an_output():
     with pytest.raises(ValueError, match="out"):
         k.gemv(torch.ones(4), torch.ones(3, 4), residual=True)
@@ -89,3 +114,32 @@ def test_attend_sees_positions_up_to_pos_only(heads, kv_heads, head_dim, max_len
     poisoned = cache.clone()
     poisoned[:, :, pos + 1 :] = float("nan")  # what lies past pos is never read into the result
     assert torch.equal(k.attend(q, poisoned[0], poisoned[1], position), got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,inter", [(2048, 5632), (2560, 6912), (5120, 13824)], ids=["1.3b", "2.7b", "13b"])
+def test_gpu_tuned_launch_shapes_give_the_twins_products(hidden, inter):
+    """Each product of the 1.3b/2.7b/13b Triton step with the decoder's tuned launch shape (and
+    split-K o_proj/down_proj at 2 programs an SM), bf16, against its twin."""
+    from mmprof.workloads.transformer import _decode_blocks
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    blocks = _decode_blocks(hidden)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    split = k.GemvBlocks(16, 256, 4, 4, split=max(1, -(-2 * sms // -(-hidden // 16))))
+    cases = {"o_proj": (hidden, hidden, "residual"), "gate_up": (inter, hidden, "glu"),
+             "down_proj": (hidden, inter, "residual"), "lm_head": (32000, hidden, "norm")}
+    torch.manual_seed(hidden)
+    for name, (rows, cols, mode) in cases.items():
+        a = torch.randn(cols, device="cuda").bfloat16()
+        w = (torch.randn((2 if mode == "glu" else 1) * rows, cols, device="cuda") / cols**0.5).bfloat16()
+        norm = (1 + 0.3 * torch.randn(cols, device="cuda")).bfloat16() if mode != "residual" else None
+        out = torch.randn(rows, device="cuda").bfloat16() if mode == "residual" else None
+        shapes = [blocks[name]] + ([split] if mode == "residual" else [])
+        want = k.gemv_ref(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu",
+                          residual=mode == "residual")
+        for shape in shapes:
+            got = k.gemv(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu",
+                         residual=mode == "residual", blocks=shape)
+            assert rel_rms(got, want) < TOLERANCE[torch.bfloat16], (name, shape)

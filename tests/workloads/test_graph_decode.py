@@ -289,3 +289,25 @@ def test_gpu_triton_step_greedy_tokens_are_the_eager_decoders(size):
         t = first_differing[0, 1].item()
         top2 = logits[0, t].topk(2).values
         assert (top2[0] - top2[1]).item() <= 2e-2 * best.abs().max().item()
+
+
+def test_the_compile_backend_is_accepted_and_compiles_lazily():
+    sd = transformer().static_decoder(1, 4, backend="compile")
+    assert sd.backend == "compile" and callable(sd._compiled_step)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_step_in_a_cuda_graph_gives_the_torch_steps_logits(monkeypatch):
+    """torch.compile's step (default mode, to compile fast) graphed as GraphDecoder graphs it: the
+    PyTorch step's logits (fp32: only summation order differs) and greedy tokens."""
+    from mmprof.workloads.transformer import TransformerStaticDecoder
+
+    monkeypatch.setattr(TransformerStaticDecoder, "COMPILE_MODE", "default")
+    model = transformer(2, device="cuda")
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    fast = GraphDecoder(model.static_decoder(1, 12, backend="compile"), use_graph=True)
+    plain = GraphDecoder(model.static_decoder(1, 12, backend="torch"), use_graph=False)
+    assert rel_rms(teacher_forced(fast, ids, 5), teacher_forced(plain, ids, 5)) < 1e-4
+    assert fast.graph is not None
+    prompt = ids[:, :5]
+    assert torch.equal(greedy_tokens(fast, prompt, 6), greedy_tokens(Decoder(model, 1, 12), prompt, 6))
