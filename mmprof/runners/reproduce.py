@@ -169,10 +169,15 @@ def check(spec: ReproduceSpec) -> None:
 # batches not run there are scaled by batch from the largest one run); decoding from
 # results/h200/decode-power/20261203-final-5013a5f (latency_p50_ms per size; build times from phases.csv
 # of decode-tf-2.7b / decode-tf-13b; the 13b packed build from the 130 s of decode-1.3b-13b's three rows).
-H200_TRAIN_ROW_S = {("vanilla", 1): 10.4, ("vanilla", 4): 5.1, ("vanilla", 8): 6.6, ("vanilla", 16): 9.8,
-                    ("ref-fused", 1): 6.1, ("ref-fused", 4): 6.2, ("ref-fused", 8): 7.0, ("ref-fused", 16): 10.7,
-                    ("fused", 1): 23.0, ("fused", 4): 3.7, ("fused", 8): 4.4, ("fused", 16): 4.6,
-                    ("transformer", 8): 12.0, ("transformer", 16): 9.0}  # transformer: 20261128-1.3b-seq2048 steps
+# (row s, step s, energy window s) at --steps 3 --warmup 1 --min-window-s 2, as committed:
+H200_TRAIN_ROW = {("vanilla", 1): (10.4, 0.502, 1.49), ("vanilla", 4): (5.1, 0.559, 2.82),
+                  ("vanilla", 8): (6.6, 0.958, 2.88), ("vanilla", 16): (9.8, 1.782, 5.35),
+                  ("ref-fused", 1): (6.1, 0.575, 2.31), ("ref-fused", 4): (6.2, 0.662, 2.69),
+                  ("ref-fused", 8): (7.0, 1.039, 3.13), ("ref-fused", 16): (10.7, 1.942, 5.83),
+                  ("fused", 1): (23.0, 0.334, 1.00), ("fused", 4): (3.7, 0.323, 1.93),
+                  ("fused", 8): (4.4, 0.352, 1.05), ("fused", 16): (4.6, 0.554, 2.77),
+                  # Transformer++: step times of results/h200/train-memory/20261128-1.3b-seq2048, row guessed
+                  ("transformer", 8): (12.0, 0.398, 2.0), ("transformer", 16): (9.0, 0.759, 4.0)}
 H200_OOM_ROW_S = 8.0                 # a batch that runs out of memory (vanilla/ref-fused at 32)
 H200_FITS_BATCH = {"vanilla": 16, "ref-fused": 16, "fused": 32, "transformer": 16}
 H200_DECODE_MS = {("mmfree", "370m"): 0.30, ("mmfree", "1.3b"): 0.39, ("mmfree", "2.7b"): 0.60,
@@ -191,13 +196,13 @@ def _decode_row_s(arch: str, size: str, s: dp.DecodeSpec) -> float:
     return build + (1 + s.repeats) * gen + s.repeats * window + 2 * s.idle_s
 
 
-def _train_row_s(impl: str, batch: int) -> float:
+def _train_row_s(impl: str, batch: int, s: tm.TrainMemorySpec) -> float:
+    """The committed row's time with its window and warm-up replaced by this spec's."""
     if batch > H200_FITS_BATCH.get(impl, 16):
         return H200_OOM_ROW_S
-    if (impl, batch) in H200_TRAIN_ROW_S:
-        return H200_TRAIN_ROW_S[(impl, batch)]
-    known = max(b for i, b in H200_TRAIN_ROW_S if i == impl)
-    return H200_TRAIN_ROW_S[(impl, known)] * batch / known
+    known = batch if (impl, batch) in H200_TRAIN_ROW else max(b for i, b in H200_TRAIN_ROW if i == impl)
+    row_s, step_s, window_s = (v * batch / known for v in H200_TRAIN_ROW[(impl, known)])
+    return row_s - window_s + max(s.steps * step_s, 1.2 * s.min_window_s) + (s.warmup - 1) * step_s
 
 
 def plan(spec: ReproduceSpec) -> pd.DataFrame:
@@ -209,7 +214,7 @@ def plan(spec: ReproduceSpec) -> pd.DataFrame:
         for cfg in (tm.configs(s) if s else []):
             impl = step.bitlinear or "transformer"
             rows.append({"panel": "train", "configuration": cfg.label,
-                         "est_h200_s": round(_train_row_s(impl, cfg.batch), 1) if timed else None})
+                         "est_h200_s": round(_train_row_s(impl, cfg.batch, s), 1) if timed else None})
     for step, s, why in decode_specs(spec):
         for cfg in (dp.configs(s) if s and spec.runs("decode", step.arch) else []):
             rows.append({"panel": "decode", "configuration": cfg.label,
@@ -337,6 +342,9 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
                                            f"{name}: {status} ({note})" if note else f"{name}: {status}")
                 elif stopped is not None:
                     status, note = "not run", f"batch {stopped} ran out of memory"
+                elif not spec.runs("train" if panel == "training" else "decode", step.arch):
+                    status, note = "not run", (f"not run yet: this call ran --only {','.join(spec.only)}; "
+                                               "--resume this folder with --only for the rest")
                 else:
                     status, note = "not run", "not reached (the run was stopped before it)"
                 rows.append({"panel": panel, "configuration": name, "status": status,
