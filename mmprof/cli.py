@@ -448,7 +448,11 @@ def decode_power(ctx, size, arch, weights, graph, batch, prompt_len, new_tokens,
               help="paper: the paper's settings; tiny: small shapes for tests and demos")
 @click.option("--out", default=None, help="folder to create (default results/runs/<UTC>-reproduce)")
 @click.option("--resume", default=None, help="continue this reproduce folder where it stopped (with its settings)")
-def reproduce(quick, device, gpus, preset, out, resume) -> None:
+@click.option("--only", default="", help="run only these parts this call (train, decode, decode-mmfree, "
+              "decode-transformer; comma-separated); --resume the same folder for the rest")
+@click.option("--plan", "plan_only", is_flag=True, help="print the configurations and their estimated H200 "
+              "seconds, then exit")
+def reproduce(quick, device, gpus, preset, out, resume, only, plan_only) -> None:
     """The paper's efficiency claims checked on this GPU: runs, claim table, report.md and report.html."""
     from mmprof.results import default_run_dir, render
     from mmprof.results.claims import claim_table
@@ -463,8 +467,17 @@ def reproduce(quick, device, gpus, preset, out, resume) -> None:
         folder = Path(out) if out else default_run_dir("reproduce")
         if (folder / rp.META).exists():
             raise UserError(f"folder {folder} already holds a reproduce run; use --resume {folder}")
-        spec = rp.ReproduceSpec(device=resolve_device(device, gpus), quick=quick, preset=preset)
-        rp.check(spec)
+        dev = "cuda:0" if plan_only and device in ("auto", "cuda") else resolve_device(device, gpus)  # plan: as on a GPU
+        spec = rp.ReproduceSpec(device=dev, quick=quick, preset=preset)
+    spec = dataclasses.replace(spec, only=tuple(o.strip() for o in only.split(",") if o.strip()))
+    rp.check(spec)
+    steps = rp.plan(spec)
+    total = rp.plan_total_s(steps)
+    est = f"estimated {total / 60:.1f} min on one H200" if total is not None else "no H200 estimate for this preset"
+    if plan_only:
+        click.echo(render(steps, "table", title=f"reproduce plan: {len(steps)} configurations, {est}"), nl=False)
+        return
+    click.echo(f"reproduce: {len(steps)} configurations this call, {est}", err=True)
 
     def open_writer(command, path, exists):
         return _open_writer(command, None if exists else str(path), str(path) if exists else None, spec.device)

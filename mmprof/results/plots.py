@@ -152,6 +152,23 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
+def tile_figures(paths: list[Path], out: Path, title: str = "") -> Path:
+    """Figures already drawn, stacked into one PNG (a report's summary picture for a README)."""
+    if not paths:
+        raise UserError("no figures to put in the summary")
+    images = [plt.imread(p) for p in paths]
+    width = max(im.shape[1] for im in images)
+    heights = [im.shape[0] * width / im.shape[1] for im in images]
+    fig, axes = plt.subplots(len(images), 1, figsize=(width / 130, sum(heights) / 130 + 0.5),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, im in zip(axes[:, 0], images):
+        ax.imshow(im)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
 def plot_run(run: Run, out: Path) -> Path:
     if run.command == "train-memory":
         return plot_train_memory(run, out)

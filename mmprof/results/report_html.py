@@ -18,6 +18,7 @@ from mmprof.results.summaries import decode_summary, train_memory_summary
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+SUMMARY_PNG = "summary.png"        # the report's figures in one picture, for a README
 VERDICT_CLASS = {"reproduced": "ok", "not reproduced": "bad", "not measurable on this hardware": "na",
                  "not measured": "na", "not claimed by the paper": "info"}
 
@@ -70,8 +71,17 @@ def provenance(meta: dict) -> list[tuple[str, str]]:
             ("command", " ".join(meta.get("argv", [])))]
 
 
+def write_summary(r: ReportInput, figs: list[Figure]) -> Path | None:
+    drawn = [f.path for f in figs if f.path]
+    if not drawn:
+        return None
+    on = str(r.claims["measured on"].iloc[0]) if "measured on" in r.claims and len(r.claims) else ""
+    return plots.tile_figures(drawn, r.folder / SUMMARY_PNG, f"mmprof reproduce, {on}")
+
+
 def write_report(r: ReportInput) -> tuple[Path, Path]:
     figs = draw_figures(r)
+    write_summary(r, figs)
     md = _markdown(r, figs)
     page = _html(r, figs)
     write_text_atomic(r.folder / REPORT_MD, md)

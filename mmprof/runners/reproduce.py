@@ -50,7 +50,7 @@ class DecodeStep:
     quick_sizes: tuple[str, ...]
 
 
-BATCHES = (1, 2, 4, 8, 16, 32)
+BATCHES = (1, 4, 8, 16, 32)
 SIZES = ("370m", "1.3b", "2.7b", "13b")
 # The training panel: 1.3B, fused vs vanilla BitLinear (the paper's), the reference's own fused kernel
 # (ref-fused: run where this build's BitLinear implementations include it) and Transformer++ for energy.
@@ -58,7 +58,7 @@ TRAIN_STEPS = (
     TrainStep("mmfree", "fused", BATCHES, (1, 4, 8)),
     TrainStep("mmfree", "vanilla", BATCHES, (1, 4, 8)),
     TrainStep("mmfree", "ref-fused", BATCHES, (8,)),
-    TrainStep("transformer", "", BATCHES, (8,)),
+    TrainStep("transformer", "", (8, 16), (8,)),     # energy per training token, at the batches the claims read
 )
 # The inference panel: MatMul-free (packed ternary) vs Transformer++ (bf16) at the paper's four sizes.
 DECODE_STEPS = (
@@ -84,7 +84,7 @@ class Preset:
 
 PRESETS = {
     # seq 2048 in both panels; decoding reaches 2048 tokens: a 32-token prompt and 2016 new tokens
-    "paper": Preset("1.3b", 2048, 32, 2016, None, None, repeats=3, quick_repeats=1, min_window_s=2.0, idle_s=2.0),
+    "paper": Preset("1.3b", 2048, 32, 2016, None, None, repeats=3, quick_repeats=1, min_window_s=5.0, idle_s=2.0),
     "tiny": Preset("tiny", 64, 8, 24, ("tiny",), (1, 2), repeats=1, quick_repeats=1, min_window_s=0.0, idle_s=0.0),
 }
 
@@ -96,6 +96,11 @@ class ReproduceSpec:
     preset: str = "paper"
     train_steps: tuple[TrainStep, ...] = TRAIN_STEPS
     decode_steps: tuple[DecodeStep, ...] = DECODE_STEPS
+    only: tuple[str, ...] = ()     # parts of ONLY_CHOICES to run this call (none: all); the report shows all
+
+    def runs(self, panel: str, arch: str = "") -> bool:
+        """Whether this call runs a step of `panel` (train | decode) for `arch`."""
+        return not self.only or panel in self.only or (panel == "decode" and f"decode-{arch}" in self.only)
 
     @property
     def settings(self) -> Preset:
@@ -143,12 +148,85 @@ def decode_specs(spec: ReproduceSpec) -> list[tuple[DecodeStep, dp.DecodeSpec | 
     return out
 
 
+ONLY_CHOICES = ("train", "decode", "decode-mmfree", "decode-transformer")
+
+
 def check(spec: ReproduceSpec) -> None:
+    bad = [o for o in spec.only if o not in ONLY_CHOICES]
+    if bad:
+        raise UserError(f"--only {','.join(bad)}: choose from {', '.join(ONLY_CHOICES)} (comma-separated)")
     if spec.preset not in PRESETS:
         raise UserError(f"unknown preset {spec.preset!r}; choose from {', '.join(PRESETS)}")
     if spec.device == "cpu" and spec.preset == "paper":
         raise UserError("--device cpu: the paper's sizes (1.3b training, 13b decoding) are not run on the CPU; "
                         "use a GPU, --device meta for the memory estimate, or --preset tiny")
+
+
+# ---- the plan and its H200 time ----
+# Seconds on one H200, read off committed runs (estimates for planning, never results):
+# training rows from results/h200/train-memory/20261203-final-5013a5f/train-1.3b/phases.csv (each row's
+# time from the previous row's end to its own, the model build and the fused first-call compile included;
+# batches not run there are scaled by batch from the largest one run); decoding from
+# results/h200/decode-power/20261203-final-5013a5f (latency_p50_ms per size; build times from phases.csv
+# of decode-tf-2.7b / decode-tf-13b; the 13b packed build from the 130 s of decode-1.3b-13b's three rows).
+# (row s, step s, energy window s) at --steps 3 --warmup 1 --min-window-s 2, as committed:
+H200_TRAIN_ROW = {("vanilla", 1): (10.4, 0.502, 1.49), ("vanilla", 4): (5.1, 0.559, 2.82),
+                  ("vanilla", 8): (6.6, 0.958, 2.88), ("vanilla", 16): (9.8, 1.782, 5.35),
+                  ("ref-fused", 1): (6.1, 0.575, 2.31), ("ref-fused", 4): (6.2, 0.662, 2.69),
+                  ("ref-fused", 8): (7.0, 1.039, 3.13), ("ref-fused", 16): (10.7, 1.942, 5.83),
+                  ("fused", 1): (23.0, 0.334, 1.00), ("fused", 4): (3.7, 0.323, 1.93),
+                  ("fused", 8): (4.4, 0.352, 1.05), ("fused", 16): (4.6, 0.554, 2.77),
+                  # Transformer++: step times of results/h200/train-memory/20261128-1.3b-seq2048, row guessed
+                  ("transformer", 8): (12.0, 0.398, 2.0), ("transformer", 16): (9.0, 0.759, 4.0)}
+H200_OOM_ROW_S = 8.0                 # a batch that runs out of memory (vanilla/ref-fused at 32)
+H200_FITS_BATCH = {"vanilla": 16, "ref-fused": 16, "fused": 32, "transformer": 16}
+H200_DECODE_MS = {("mmfree", "370m"): 0.30, ("mmfree", "1.3b"): 0.39, ("mmfree", "2.7b"): 0.60,
+                  ("mmfree", "13b"): 1.47, ("transformer", "370m"): 0.80, ("transformer", "1.3b"): 1.42,
+                  ("transformer", "2.7b"): 2.47, ("transformer", "13b"): 7.82}   # 370m, mmfree 2.7b: guessed
+H200_DECODE_BUILD_S = {"370m": 6.0, "1.3b": 10.0, "2.7b": 10.0, "13b": 10.0}
+H200_PACKED_13B_BUILD_S = 35.0
+H200_CALL_S = 40.0                   # per device call: pip install -e, imports, the first idle baseline
+LONG_CONTEXT = 1.10                  # 2048-token contexts read more KV cache than the 256-token runs
+
+
+def _decode_row_s(arch: str, size: str, s: dp.DecodeSpec) -> float:
+    gen = s.new_tokens * H200_DECODE_MS.get((arch, size), 8.0) * LONG_CONTEXT / 1000 + 0.05
+    window = max(1, -(-s.min_window_s // gen)) * gen
+    build = H200_PACKED_13B_BUILD_S if (arch, size) == ("mmfree", "13b") else H200_DECODE_BUILD_S.get(size, 20.0)
+    return build + (1 + s.repeats) * gen + s.repeats * window + 2 * s.idle_s
+
+
+def _train_row_s(impl: str, batch: int, s: tm.TrainMemorySpec) -> float:
+    """The committed row's time with its window and warm-up replaced by this spec's."""
+    if batch > H200_FITS_BATCH.get(impl, 16):
+        return H200_OOM_ROW_S
+    known = batch if (impl, batch) in H200_TRAIN_ROW else max(b for i, b in H200_TRAIN_ROW if i == impl)
+    row_s, step_s, window_s = (v * batch / known for v in H200_TRAIN_ROW[(impl, known)])
+    return row_s - window_s + max(s.steps * step_s, 1.2 * s.min_window_s) + (s.warmup - 1) * step_s
+
+
+def plan(spec: ReproduceSpec) -> pd.DataFrame:
+    """One row per configuration the spec runs: panel, configuration and its estimated H200 seconds
+    (only for the paper preset on a GPU; other presets and devices get no estimate)."""
+    check(spec)
+    rows, timed = [], spec.preset == "paper"
+    for step, s, why in (train_specs(spec) if spec.runs("train") else []):
+        for cfg in (tm.configs(s) if s else []):
+            impl = step.bitlinear or "transformer"
+            rows.append({"panel": "train", "configuration": cfg.label,
+                         "est_h200_s": round(_train_row_s(impl, cfg.batch, s), 1) if timed else None})
+    for step, s, why in decode_specs(spec):
+        for cfg in (dp.configs(s) if s and spec.runs("decode", step.arch) else []):
+            rows.append({"panel": "decode", "configuration": cfg.label,
+                         "est_h200_s": round(_decode_row_s(cfg.arch, cfg.size, s), 1) if timed else None})
+    return pd.DataFrame(rows, columns=["panel", "configuration", "est_h200_s"])
+
+
+def plan_total_s(df: pd.DataFrame) -> float | None:
+    """The plan's estimated seconds for one device call (its rows plus one call's start-up)."""
+    if not len(df) or df["est_h200_s"].isna().any():
+        return None
+    return float(df["est_h200_s"].sum()) + H200_CALL_S
 
 
 # ---- the run ----
@@ -171,10 +249,10 @@ def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: lis
     _write_meta(folder, meta)
     trains, decodes = train_specs(spec, gpu), decode_specs(spec)
     decode_w = None
-    if any(s is not None for _, s, _ in decodes):
+    if any(s is not None and spec.runs("decode", st.arch) for st, s, _ in decodes):
         decode_w = open_writer("decode-power", folder / DECODE_DIR, (folder / DECODE_DIR / "measurements.csv").exists())
-    jobs = [(tm, train_w, s) for _, s, _ in trains if s is not None]
-    jobs += [(dp, decode_w, s) for _, s, _ in decodes if s is not None]
+    jobs = [(tm, train_w, s) for _, s, _ in trains if s is not None and spec.runs("train")]
+    jobs += [(dp, decode_w, s) for st, s, _ in decodes if s is not None and spec.runs("decode", st.arch)]
     todo = [(runner, w, s, _skip(runner, w)) for runner, w, s in jobs]
     total = sum(sum(1 for c in runner.configs(s) if _cfg_key(runner, c, s) not in skip) for runner, _, s, skip in todo)
     task = bar.add_task("reproduce", total=total) if bar is not None else None
@@ -264,6 +342,9 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
                                            f"{name}: {status} ({note})" if note else f"{name}: {status}")
                 elif stopped is not None:
                     status, note = "not run", f"batch {stopped} ran out of memory"
+                elif not spec.runs("train" if panel == "training" else "decode", step.arch):
+                    status, note = "not run", (f"not run yet: this call ran --only {','.join(spec.only)}; "
+                                               "--resume this folder with --only for the rest")
                 else:
                     status, note = "not run", "not reached (the run was stopped before it)"
                 rows.append({"panel": panel, "configuration": name, "status": status,

@@ -172,3 +172,40 @@ def test_paper_sizes_are_not_run_on_the_cpu(tmp_path):
     out = tmp_path / "never"
     assert_one_line_exit_2(invoke("reproduce", "--device", "cpu", "--out", str(out)), "--device cpu")
     assert not out.exists()
+
+
+def test_plan_estimates_the_h200_time_per_part():
+    full = rp.plan(rp.ReproduceSpec(device="cuda:0"))
+    train = rp.plan(rp.ReproduceSpec(device="cuda:0", only=("train",)))
+    mm = rp.plan(rp.ReproduceSpec(device="cuda:0", only=("decode-mmfree",)))
+    tf = rp.plan(rp.ReproduceSpec(device="cuda:0", only=("decode-transformer",)))
+    assert set(train["panel"]) == {"train"} and set(mm["configuration"].str.split().str[0]) == {"mmfree"}
+    assert len(train) + len(mm) + len(tf) == len(full) and (full["est_h200_s"] > 0).all()
+    parts = [rp.plan_total_s(p) for p in (train, mm, tf)]
+    assert abs(sum(parts) - 2 * rp.H200_CALL_S - rp.plan_total_s(full)) < 1e-6
+    assert all(p < 600 for p in (parts[0] + parts[1] - rp.H200_CALL_S, parts[2]))   # two calls of < 10 min
+    # the paper's windows: >= 5 s, 3 repeats; a 13b Transformer++ row is its longest decode row
+    assert full.set_index("configuration")["est_h200_s"].idxmax() == "transformer 13b bf16"
+    assert rp.plan_total_s(rp.plan(rp.ReproduceSpec(device="cpu", preset="tiny"))) is None
+    r = invoke("reproduce", "--plan", "--only", "train,decode-mmfree")
+    assert r.exit_code == 0, r.output
+    assert "min on one H200" in r.output and "mmfree 13b packed" in r.output and "transformer 13b" not in r.output
+    assert_one_line_exit_2(invoke("reproduce", "--plan", "--only", "decode-rnn"), "--only decode-rnn")
+
+
+def test_only_parts_compose_with_resume_into_one_report(tmp_path):
+    out = tmp_path / "rp"
+    r = invoke("reproduce", "--preset", "tiny", "--device", "cpu", "--quick", "--only", "train", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert not (out / "decode-power").exists()
+    steps = pd.read_csv(out / "steps.csv")
+    assert steps[steps["panel"] == "inference"]["note"].str.contains("--only train").all()
+    trained = pd.read_csv(out / "train-memory" / "measurements.csv")
+    r = invoke("reproduce", "--resume", str(out), "--only", "decode")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out / "train-memory" / "measurements.csv").equals(trained)   # not measured again
+    assert set(pd.read_csv(out / "decode-power" / "measurements.csv")["arch"]) == {"mmfree", "transformer"}
+    assert (pd.read_csv(out / "steps.csv")["status"] == "ok").all()
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["resumed_utc"]) == 1 and meta["end_utc"]
