@@ -172,6 +172,13 @@ def energy_columns(m, steps: int, tokens_per_step: int, min_window_s: float) -> 
     return {k: v for k, v in out.items() if k in keep}
 
 
+def window_steps(probe_s: float, steps: int, min_window_s: float) -> int:
+    """Steps in the energy window: at least `steps`, and enough for `min_window_s` at the step time
+    `probe_s` of one step timed after the warm-up (not the warm-up itself: its first step compiles and
+    autotunes), with 20% headroom."""
+    return max(steps, math.ceil(1.2 * min_window_s / probe_s)) if probe_s > 0 else steps
+
+
 def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     """Warm up, then time and meter a window of steps; then one step under the live-tensor tracker."""
     trainer = make_trainer(_train_spec(cfg, spec), spec.device)
@@ -182,7 +189,7 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
     # one more step, timed after the warm-up, sizes the window: the first warm-up step (compiling,
     # autotuning) can be many times slower than the steady state, and with --warmup 1 it was all there was
     probe_s = time_fn(trainer.step, warmup=0, repeats=1, device=spec.device).samples_s[0]
-    steps = max(spec.steps, math.ceil(1.2 * spec.min_window_s / probe_s))   # 20% headroom
+    steps = window_steps(probe_s, spec.steps, spec.min_window_s)
     before = torch.cuda.memory_allocated(spec.device) if cuda else None
     with prof.window(cfg.label) as win:
         timing = time_fn(trainer.step, warmup=0, repeats=steps, device=spec.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -158,8 +157,12 @@ class Runner:
         if not warm.ok:
             trainer = None                               # freed before the next configuration
             return self._after(failed(warm, "warm-up"), warm)
-        warm_s = _seconds(warm.value)
-        want = max(spec.steps, math.ceil(1.2 * spec.min_window_s / min(warm_s))) if min(warm_s) > 0 else spec.steps
+        # one step timed after the warm-up sizes the window, as in the single-GPU runner
+        probe = job.phase(lambda: _run_steps(trainer, 1, job), "probe")
+        if not probe.ok:
+            trainer = None
+            return self._after(failed(probe, "probe step"), probe)
+        want = tm.window_steps(_seconds(probe.value)[0], spec.steps, spec.min_window_s)
         steps = max(job.exchange(want, "steps"))
         before = torch.cuda.memory_allocated(job.device) if cuda else None
         job.barrier()
