@@ -366,7 +366,7 @@ def plot(run: str, out_path: str | None) -> None:
               show_default=True, help="MatMul-free weights; the transformer always decodes bf16")
 @click.option("--graph/--no-graph", default=None,
               help="replay each decode step from a CUDA graph (default: on CUDA devices)")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch", default="1", show_default=True, help="sequences decoded at once; a list (1,4,16,64) gives a row per batch")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1, max=MAX_STEPS), default=3, show_default=True)
@@ -395,9 +395,10 @@ def decode_power(ctx, size, arch, weights, graph, batch, prompt_len, new_tokens,
     from mmprof.runners.options import check_decode_fits, check_device_choice
     from mmprof.runners.shard_plan import plan as shard_plan
     from mmprof.settings import check_environment
-    from mmprof.runners.sweep import parse_list
+    from mmprof.runners.sweep import parse_list, positive_int
     from mmprof.workloads import get_config
 
+    batches = tuple(parse_list(batch, "batch", positive_int))
     check_format(fmt)
     check_environment()
     check_device_choice(device, ("auto", "cuda", "cpu"), "decode-power", "decoding is measured, never estimated")
@@ -424,12 +425,15 @@ def decode_power(ctx, size, arch, weights, graph, batch, prompt_len, new_tokens,
         resolved = "cpu"            # decoding is measured, never estimated: no GPU means the CPU
     spec = dp.DecodeSpec(
         sizes=tuple(sizes), archs=tuple(parse_list(arch, "arch", str, ("mmfree", "transformer"))),
-        weights=weights, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        weights=weights, batch=batches[0] if len(batches) == 1 else batches, prompt_len=prompt_len,
+        new_tokens=new_tokens, repeats=repeats,
         device=resolved, min_window_s=min_window_s, idle_s=idle_s, graph=graph, max_window_tokens=max_window_tokens,
         checkpoint=str(folder) if checkpoint else None, prompt_ids=prompt_ids,
     )
     todo = dp.configs(spec)          # refuses unsupported weights or options before anything is written
-    check_decode_fits([(c.arch, c.size, c.weights) for c in todo], batch, prompt_len, new_tokens, spec.device)
+    for b in spec.batches:
+        check_decode_fits([(c.arch, c.size, c.weights) for c in todo if c.batch == b], b, prompt_len, new_tokens,
+                          spec.device)
     if how.distributed:
         from mmprof.runners.decode_replicate import Runner
 

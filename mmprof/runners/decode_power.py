@@ -31,7 +31,7 @@ from mmprof.workloads import PackedMMFreeLM, build_model, load_checkpoint, make_
 from mmprof.workloads.ternary_stats import ternary_stats, zero_fraction
 
 KEY_COLUMNS = ["arch", "size", "weights", "batch", "prompt_len", "new_tokens", "device", "precision", "cuda_graph"]
-SWEPT = {"sizes", "archs"}   # spec lists a --resume may extend
+SWEPT = {"sizes", "archs", "batch"}   # spec lists a --resume may extend
 LEAD_IN_S = 0.5  # decode steps run before each energy window opens, so it opens at working power
 
 
@@ -40,7 +40,7 @@ class DecodeSpec:
     sizes: tuple[str, ...] = ("1.3b",)
     archs: tuple[str, ...] = ("mmfree", "transformer")
     weights: str = "fake-quant"
-    batch: int = 1
+    batch: int | tuple[int, ...] = 1   # one batch or a list of them: a row per batch
     prompt_len: int = 32
     new_tokens: int = 256
     repeats: int = 3               # energy windows per row (and timed generations)
@@ -53,6 +53,10 @@ class DecodeSpec:
     graph: bool | None = None      # CUDA graph per decode step; None: on CUDA devices
     checkpoint: str | None = None  # a checkpoint folder: its real weights are decoded (sizes: its name)
     prompt_ids: tuple[int, ...] | None = None   # a tokenised --prompt (else random ids, prompt_len long)
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return (self.batch,) if isinstance(self.batch, int) else tuple(self.batch)
 
     @property
     def precision(self) -> str:
@@ -77,22 +81,23 @@ class Config:
     arch: str
     size: str
     weights: str
+    batch: int = 1
 
     def spec_row(self, spec: DecodeSpec) -> dict:
-        return {"arch": self.arch, "size": self.size, "weights": self.weights, "batch": spec.batch,
+        return {"arch": self.arch, "size": self.size, "weights": self.weights, "batch": self.batch,
                 "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "repeats": spec.repeats,
                 "device": spec.device, "precision": spec.precision, "cuda_graph": int(spec.cuda_graph),
                 "shard": "none", "world_size": 1, "rank": 0, "local_gpu": cuda_index(spec.device), "row_kind": "rank"}
 
     @property
     def label(self) -> str:
-        return f"{self.arch} {self.size} {self.weights}"
+        return f"{self.arch} {self.size} {self.weights} b{self.batch}"
 
 
 def configs(spec: DecodeSpec) -> list[Config]:
     if spec.graph and not spec.device.startswith("cuda"):
         raise UserError("--graph needs a CUDA device; on the CPU each decode step is launched eagerly")
-    return [Config(a, s, weights_for(a, spec.weights)) for s in spec.sizes for a in spec.archs]
+    return [Config(a, s, weights_for(a, spec.weights), b) for s in spec.sizes for b in spec.batches for a in spec.archs]
 
 
 def _timed_generation(dec, prompt, spec: DecodeSpec, prof: Profiler, label: str):
@@ -155,11 +160,11 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     vocab = model.config.vocab_size
     if spec.prompt_ids is not None:
-        prompt = torch.tensor([list(spec.prompt_ids)] * spec.batch, dtype=torch.long, device=spec.device)
+        prompt = torch.tensor([list(spec.prompt_ids)] * cfg.batch, dtype=torch.long, device=spec.device)
     else:
-        prompt = torch.randint(0, vocab, (spec.batch, spec.prompt_len), generator=gen).to(spec.device)
-    dec = make_decoder(model, spec.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
-    per_pass = (spec.new_tokens - 1) * spec.batch          # tokens of one energy-window pass (decode steps)
+        prompt = torch.randint(0, vocab, (cfg.batch, spec.prompt_len), generator=gen).to(spec.device)
+    dec = make_decoder(model, cfg.batch, spec.prompt_len + spec.new_tokens, spec.device, spec.cuda_graph)
+    per_pass = (spec.new_tokens - 1) * cfg.batch          # tokens of one energy-window pass (decode steps)
     max_calls = -(-spec.max_window_tokens // per_pass) if spec.max_window_tokens else None
     with torch.inference_mode():
         _generation(dec, prompt, spec)                      # warm-up; also captures the CUDA graph
@@ -178,7 +183,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
     lat = [x for _, _, steps in timed for x in steps]
     energy = row_energy([m for m, _ in windows], {"token": [n * per_pass for _, n in windows]},
                         RowIdle(before, after), spec.min_window_s)
-    wbytes, step_bytes = weight_bytes(model), streamed_bytes(model, spec.batch)
+    wbytes, step_bytes = weight_bytes(model), streamed_bytes(model, cfg.batch)
     # percentiles 1..99 of the per-token latencies, interpolated between the measured values
     pct = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
     steps_per_s = len(lat) / math.fsum(lat)
@@ -186,7 +191,7 @@ def measure(cfg: Config, spec: DecodeSpec, prof: Profiler, copy_gbps: float | No
         "repeats": len(windows),
         "prefill_s": statistics.median(p for p, _, _ in timed), "ttft_s": statistics.median(t for _, t, _ in timed),
         "latency_p50_ms": pct[49] * 1e3, "latency_p90_ms": pct[89] * 1e3,
-        "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": steps_per_s * spec.batch,
+        "latency_p99_ms": pct[98] * 1e3, "tokens_per_s": steps_per_s * cfg.batch,
         "n_tokens_measured": sum(n for _, n in windows) * per_pass,
         "weights_gib": wbytes / GIB, "bytes_per_step_gib": step_bytes / GIB,
         "peak_alloc_gib": whole.measurement.peak_alloc_gib,

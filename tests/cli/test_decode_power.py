@@ -143,3 +143,25 @@ def test_rewind_windows_on_a_100ms_step_nvml(monkeypatch):
     decode = [p for p in prof.phases if p.label.startswith("decode")]
     assert len(decode) == 2 and not any(p.label.startswith("prefill") and decode[0].t_start_s < p.t_start_s
                                         for p in prof.phases)
+
+
+def test_decode_batch_list_gives_a_row_per_batch_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    common = ("decode-power", "--size", "tiny", "--arch", "mmfree", "--device", "cpu", "--new-tokens", "3",
+              "--prompt-len", "2", "--repeats", "1", "--min-window-s", "0", "--idle-s", "0")
+    r = invoke(*common, "--batch", "1,3", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out / "measurements.csv")
+    assert list(df["batch"]) == [1, 3] and set(df["status"]) == {"ok"}
+    assert list(df["n_tokens_measured"]) == [2, 6]          # one pass of 2 decode steps per sequence
+    # a resume with a longer list measures only the new batch
+    r = invoke(*common, "--batch", "1,3,2", "--resume", str(out))
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out / "measurements.csv")
+    assert sorted(df["batch"]) == [1, 2, 3] and len(df) == 3
+
+
+@pytest.mark.parametrize("batch", ["0", "1,,2", "2,2", "x"])
+def test_decode_bad_batch_list(tmp_path, batch):
+    assert_rejected_before_writing(tmp_path, ("decode-power", "--size", "tiny", "--device", "cpu", "--batch", batch),
+                                   "--batch")
