@@ -25,6 +25,7 @@ matmuls are torch.mm in the matmul dtype (autocast's when on, as F.linear).
 `bitlinear_prologue_ref`: the unfused model's own ops, differentiated by autograd.
 """
 
+import os
 from typing import List, Optional
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor
 from mmprof.kernels import bitlinear_torch as rows_torch
 from mmprof.kernels import bitlinear_triton as tri
 from mmprof.kernels._triton_util import select_backend
+from mmprof.kernels.w2a8_gemm import int8_ternary_linear
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary import NORM_EPS, autocast_dtype as _autocast_dtype, autocast_off as _autocast_off
 from mmprof.kernels.ternary import bitlinear_naive, rms_norm
@@ -75,7 +77,24 @@ _TORCH = (rows_torch.quantize_rows, rows_torch.quantize_rows_backward, rows_torc
 
 
 def _impl(backend, x):
+    backend = "triton" if backend == INT8_BACKEND else backend
     return _TRITON if select_backend(backend, x) == "triton" and x.numel() > 0 else _TORCH
+
+
+# The forward product on int8 tensor cores (issue 26): backend "triton-int8" asks for it (also on the
+# CPU under the Triton interpreter); "auto" takes it on CUDA GPUs with int8 tensor cores (sm_80+) when
+# the matmul dtype is bf16 or fp16, unless MMPROF_INT8_FORWARD=0. The backward is the same either way.
+INT8_BACKEND = "triton-int8"
+
+
+def _int8_forward(backend, x, mm):
+    if backend == INT8_BACKEND:
+        return True
+    if backend != "auto" or not x.is_cuda or mm not in (torch.bfloat16, torch.float16):
+        return False
+    if os.environ.get("MMPROF_INT8_FORWARD", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,9 +102,13 @@ def _impl(backend, x):
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(impl, prologue, x, aux, pre_weight, norm_weights, weights, mm, pre_eps, eps, matmul):
+def _forward(impl, prologue, x, aux, pre_weight, norm_weights, weights, mm, pre_eps, eps, matmul, int8=False):
     quantize, _, ternary = impl
     with _autocast_off(x.device.type):
+        if int8 and matmul and impl is _TRITON:  # int8 levels x ternary levels, scales in the epilogue
+            q, x2, r0, r, s = quantize(prologue, x, aux, pre_weight, torch.stack(norm_weights), pre_eps, eps, torch.int8)
+            ys = [int8_ternary_linear(q[k], s[k], *tri.ternary_levels(w), mm) for k, w in enumerate(weights)]
+            return ys, x2, r0, r, s
         xq, x2, r0, r, s = quantize(prologue, x, aux, pre_weight, torch.stack(norm_weights), pre_eps, eps, mm)
         if not matmul:
             return [xq[0]], x2, r0, r, s
@@ -135,7 +158,7 @@ def _fwd_op(
     """-> [y_1..y_P (or the quantized input when not matmul), x2, prologue rstd, rstd, scales [P, N]];
     x2 and the prologue rstd are empty when the prologue has none."""
     ys, x2, r0, r, s = _forward(_impl(backend, x), prologue, x, aux, pre_weight, norm_weights, weights,
-                                mm_dtype, pre_eps, eps, matmul)  # fmt: skip
+                                mm_dtype, pre_eps, eps, matmul, _int8_forward(backend, x, mm_dtype))  # fmt: skip
     return [*ys, x2 if x2 is not None else _absent(x), r0 if r0 is not None else _absent(x), r, s]
 
 
@@ -269,7 +292,8 @@ def bitlinear_prologue(prologue, x, norm_weights, weights, *, aux=None, pre_weig
     """BitLinear(s) of prologue(x): x [..., K] ([..., 2K] for glu), aux [..., K] for add_norm and
     norm_gate, pre_weight [K] for the normed prologues, 1-3 norm weights [K] and weights [N_k, K].
     Returns (tuple of y_k [..., N_k] in the matmul dtype, x2 = x + aux for add_norm else None).
-    backend: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch"."""
+    backend: "auto" (Triton on CUDA, PyTorch elsewhere; the int8 forward on sm_80+, see `INT8_BACKEND`)
+    | "triton" (bf16 forward) | "triton-int8" | "torch"."""
     k = _check(prologue, x, aux, pre_weight, norm_weights)
     if len(weights) != len(norm_weights) or any(w.dim() != 2 or w.shape[1] != k for w in weights):
         raise ValueError(f"need one weight [N, {k}] per norm weight")
@@ -308,7 +332,8 @@ def ternary_weight(weight, dtype, *, backend="auto"):
 
 
 def _plain_forward_cuda(x2d, norm_weight, weight, eps, mm):
-    ys, _, _, r, s = _forward(_TRITON, "none", x2d, None, None, [norm_weight], [weight], mm, 0.0, eps, True)
+    ys, _, _, r, s = _forward(_TRITON, "none", x2d, None, None, [norm_weight], [weight], mm, 0.0, eps, True,
+                              _int8_forward("auto", x2d, mm))  # fmt: skip
     return ys[0], r, s[0]
 
 

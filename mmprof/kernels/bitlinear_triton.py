@@ -78,7 +78,7 @@ def _input_row(
 def _quantize_rows_kernel(
     x_ptr, aux_ptr, pw_ptr, nw_ptr, xq_ptr, x2_ptr, r0_ptr, r_ptr, s_ptr,
     N, K, x_stride, pre_eps, eps, levels, scale_floor,
-    MODE: tl.constexpr, P: tl.constexpr, STATS_GIVEN: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, P: tl.constexpr, STATS_GIVEN: tl.constexpr, BLOCK: tl.constexpr, LEVELS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -98,7 +98,10 @@ def _quantize_rows_kernel(
             s = tl.div_rn(levels, tl.maximum(tl.max(tl.abs(xn), axis=0), scale_floor))
             tl.store(s_ptr + k * N + row, s)
         q = tl.minimum(tl.maximum(round_half_even(xn * s), -levels - 1.0), levels)
-        tl.store(xq_ptr + (k * N + row) * K + cols, tl.div_rn(q, s).to(xq_ptr.dtype.element_ty), mask=ok)
+        if LEVELS:  # the int8 levels themselves (the int8 tensor-core forward)
+            tl.store(xq_ptr + (k * N + row) * K + cols, q.to(tl.int8), mask=ok)
+        else:
+            tl.store(xq_ptr + (k * N + row) * K + cols, tl.div_rn(q, s).to(xq_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -199,7 +202,7 @@ def _abs_sum_kernel(w_ptr, part_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ternary_kernel(w_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _ternary_kernel(w_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr, LEVELS: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -208,8 +211,11 @@ def _ternary_kernel(w_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     v = (w.to(tl.float32) * t).to(w_ptr.dtype.element_ty).to(tl.float32)
     q = tl.minimum(tl.maximum(round_half_even(v), -1.0), 1.0)
-    wq = tl.div_rn(q, t).to(w_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, wq.to(out_ptr.dtype.element_ty), mask=ok)
+    if LEVELS:
+        tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
+    else:
+        wq = tl.div_rn(q, t).to(w_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, wq.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +231,8 @@ def in_features(prologue: str, x: torch.Tensor) -> int:
 def quantize_rows(prologue, x, aux, pre_weight, norm_weights, pre_eps, eps, out_dtype, stats=None):
     """x [N, K] ([N, 2K] for glu), aux [N, K] or None, norm_weights [P, K] -> (xq [P, N, K] in
     out_dtype, x2 [N, K] or None, prologue rstd [N] or None, rstd [N], scales [P, N]). With
-    stats = (prologue rstd, rstd, scales) from forward, only xq is computed."""
+    stats = (prologue rstd, rstd, scales) from forward, only xq is computed. out_dtype int8: xq holds
+    the int8 levels round(xn * s) themselves instead of q / s."""
     rows, k = x.shape[0], in_features(prologue, x)
     p = norm_weights.shape[0]
     if not 1 <= p <= MAX_PROJECTIONS:
@@ -255,7 +262,8 @@ def quantize_rows(prologue, x, aux, pre_weight, norm_weights, pre_eps, eps, out_
             x, aux if aux is not None else any_, pre_weight if pre_weight is not None else any_,
             norm_weights, xq, x2_arg, r0 if r0 is not None else any_, r, s,
             rows, k, x.stride(0), pre_eps, eps, ACT_LEVELS, SCALE_FLOOR,
-            MODE=mode, P=p, STATS_GIVEN=stats is not None, BLOCK=block, num_warps=warps,
+            MODE=mode, P=p, STATS_GIVEN=stats is not None, BLOCK=block, LEVELS=out_dtype == torch.int8,
+            num_warps=warps,
         )  # fmt: skip
     return xq, x2, r0, r, s
 
@@ -293,16 +301,27 @@ _WEIGHT_BLOCK = 4096
 def ternary_weight(weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """round(W * t).clamp(-1, 1) / t with t = 1 / max(mean|W|, 1e-5) computed in W's dtype (as
     `bitlinear.weight_quant`), then cast to out_dtype."""
+    return _ternary(weight, out_dtype)[0]
+
+
+def ternary_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 levels round(W * t).clamp(-1, 1), t [1] fp32) with t as in `ternary_weight`: the right
+    operand and scale of the int8 tensor-core forward (`w2a8_gemm.int8_ternary_linear`)."""
+    levels, scale = _ternary(weight, torch.int8)
+    return levels, scale.float().reshape(1)
+
+
+def _ternary(weight, out_dtype):
     w = weight.contiguous()
     n = w.numel()
     out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
     if n == 0:
-        return out
+        return out, torch.ones(1, device=w.device, dtype=torch.float32)
     block = min(_WEIGHT_BLOCK, triton.next_power_of_2(n))
     programs = triton.cdiv(n, block)
     parts = torch.empty(programs, device=w.device, dtype=torch.float32)
     with device_guard(w):
         _abs_sum_kernel[(programs,)](w, parts, n, BLOCK=block)
         scale = 1.0 / (parts.sum() / n).to(w.dtype).clamp(min=SCALE_FLOOR)  # in W's dtype, as torch
-        _ternary_kernel[(programs,)](w, scale, out, n, BLOCK=block)
-    return out
+        _ternary_kernel[(programs,)](w, scale, out, n, BLOCK=block, LEVELS=out_dtype == torch.int8)
+    return out, scale

@@ -22,6 +22,12 @@ What the file holds, each op with a plain-PyTorch twin of the same function:
 - `w2a8_linear` / `w2a8_linear_ref`: the same product with the dequantisation fused into the
   kernel's epilogue (the same fp32 operations in the same order as the twin, so equal bits).
 - `packed_bitlinear`: the whole forward for x [..., K], on Triton or PyTorch (`backend`).
+- `int8_ternary_linear` / `int8_ternary_linear_ref`: the training forward (issue 26). The same kernel
+  with the weight format switched (constexpr WEIGHT_INT8): ternary levels as int8 [N, K] (quantised
+  once per step from the fp32 master weights by `bitlinear_triton.ternary_levels`), int8 activation
+  levels q from `bitlinear_triton.quantize_rows` with their per-row scale s = 127 / amax, and the
+  epilogue y = (acc / s[:, None]) / t in fp32 (correctly rounded divisions, the order of the
+  fake-quantised path's q / s and q_w / t), then cast to the output dtype. acc is exact.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) the very same kernels run: its `tl.dot`
 takes int8 operands and accumulates exactly in int32 (numpy matmul), so no substitute path exists.
@@ -36,7 +42,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmprof.kernels._triton_util import autotune_configs, device_guard, round_half_even, row_block, select_backend
+from mmprof.kernels._triton_util import (
+    autotune_configs, device_guard, interpreting, round_half_even, row_block, select_backend,
+)
 from mmprof.kernels.ternary import ACT_LEVELS, NORM_EPS, SCALE_FLOOR, act_scale, rms_inv
 from mmprof.kernels.ternary_pack import packed_words, unpack_ternary
 
@@ -123,6 +131,21 @@ _CONFIGS = autotune_configs(
     interpret={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2},
 )
 _MAX_M_BUCKET = 4096
+# training shapes (M = batch x seq in the tens of thousands, N and K 1k-12k): large tiles, pipelined
+_TRAIN_TILES = [
+    ((128, 128, 64), 4, 4),
+    ((128, 256, 64), 8, 3),
+    ((256, 128, 64), 8, 3),
+    ((128, 128, 128), 8, 3),
+    ((64, 128, 128), 4, 4),
+]
+if interpreting():
+    _TRAIN_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1)]
+else:
+    _TRAIN_CONFIGS = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for (m, n, k), w, st in _TRAIN_TILES
+    ]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -133,14 +156,11 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-@triton.autotune(
-    configs=_CONFIGS, key=["M_BUCKET", "N", "K", "DEQUANT"], prune_configs_by={"early_config_prune": _prune_configs}
-)
 @triton.jit
-def _w2a8_kernel(
+def _w2a8_body(
     q_ptr, w_ptr, amax_ptr, ws_ptr, out_ptr,
     M, N, K, KW, M_BUCKET, q_stride, out_stride, inv_levels,
-    DEQUANT: tl.constexpr,
+    DEQUANT: tl.constexpr, WEIGHT_INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # tiles in groups of GROUP_M row tiles, so that consecutive programs share weight tiles in L2
@@ -171,21 +191,33 @@ def _w2a8_kernel(
         a = tl.load(q_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0)
         # words past the row's last one read as 0 (weight -1) but meet activations masked to 0;
         # columns past N decode garbage that is never stored
-        w = k0 // 16 + ws
-        words = tl.load(w_rows + w[None, :], mask=col_ok[:, None] & (w < KW)[None, :], other=0)
-        codes = (words[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_N, WORDS, 16]
-        t = (tl.reshape(codes, (BLOCK_N, BLOCK_K)) - 1).to(tl.int8)
+        if WEIGHT_INT8:  # ternary levels as int8 [N, K] (KW = K, the row stride)
+            t = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0)
+        else:
+            w = k0 // 16 + ws
+            words = tl.load(w_rows + w[None, :], mask=col_ok[:, None] & (w < KW)[None, :], other=0)
+            codes = (words[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_N, WORDS, 16]
+            t = (tl.reshape(codes, (BLOCK_N, BLOCK_K)) - 1).to(tl.int8)
         acc = tl.dot(a, tl.trans(t), acc, out_dtype=tl.int32)
 
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    if DEQUANT:
+    if DEQUANT == 2:  # training: (acc / s) / t, s = 127 / amax per row, t the weight's 1 / mean|W|
+        s_row = tl.load(amax_ptr + rows, mask=row_ok, other=1.0)
+        y = tl.div_rn(tl.div_rn(acc.to(tl.float32), s_row[:, None]), tl.load(ws_ptr))
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    elif DEQUANT == 1:
         row_scale = tl.load(amax_ptr + rows, mask=row_ok, other=0.0) * inv_levels
         y = acc.to(tl.float32) * row_scale[:, None] * tl.load(ws_ptr)
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, acc, mask=mask)
 
+
+_w2a8_kernel = triton.autotune(
+    configs=_CONFIGS, key=["M_BUCKET", "N", "K", "DEQUANT"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_w2a8_body)
+_int8_kernel = triton.autotune(configs=_TRAIN_CONFIGS, key=["M_BUCKET", "N", "K"])(_w2a8_body)
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
@@ -241,7 +273,7 @@ def _launch(q, packed, amax, w_scale, out):
         _w2a8_kernel[grid](
             q, packed, amax if dequant else out, w_scale if dequant else out, out,
             m, n, k, packed.shape[1], min(triton.next_power_of_2(m), _MAX_M_BUCKET), q.stride(0), out.stride(0),
-            _INV_LEVELS, DEQUANT=dequant,
+            _INV_LEVELS, DEQUANT=int(dequant), WEIGHT_INT8=False,
         )  # fmt: skip
     return out
 
@@ -274,6 +306,39 @@ def w2a8_linear(
     return _launch(q, packed, amax.contiguous(), w_scale, out)
 
 
+def int8_ternary_linear_ref(q: Tensor, s: Tensor, levels: Tensor, t: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Twin of `int8_ternary_linear`: exact int32 product (float64 sums) then (acc / s) / t in fp32."""
+    acc = (q.double() @ levels.double().t()).to(torch.int32)
+    return ((acc.float() / s.float()[:, None]) / t.float().reshape(())).to(out_dtype)
+
+
+def int8_ternary_linear(q: Tensor, s: Tensor, levels: Tensor, t: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Triton: q int8 [M, K] (activation levels), s fp32 [M] (127 / amax per row), levels int8 [N, K]
+    in {-1, 0, 1}, t a one-element fp32 tensor (1 / mean|W|) -> (q @ levels^T / s) / t in out_dtype,
+    int32 accumulation on int8 tensor cores. BitLinear's training forward (see the module doc)."""
+    select_backend("triton", q)
+    if q.dtype != torch.int8 or levels.dtype != torch.int8 or q.dim() != 2 or levels.dim() != 2:
+        raise ValueError(f"expected int8 q [M, K] and int8 levels [N, K], got {q.dtype} {tuple(q.shape)}, "
+                         f"{levels.dtype} {tuple(levels.shape)}")  # fmt: skip
+    if levels.shape[1] != q.shape[1] or s.shape != (q.shape[0],):
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, levels {tuple(levels.shape)}, s {tuple(s.shape)}")
+    m, k = q.shape
+    n = levels.shape[0]
+    out = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    if out.numel() == 0:
+        return out.zero_()
+    q = q.contiguous()
+    levels = levels.contiguous()
+    t = t.to(device=q.device, dtype=torch.float32).reshape(1)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with device_guard(q):
+        _int8_kernel[grid](
+            q, levels, s.float().contiguous(), t, out, m, n, k, k, min(triton.next_power_of_2(m), _MAX_M_BUCKET),
+            q.stride(0), out.stride(0), _INV_LEVELS, DEQUANT=2, WEIGHT_INT8=True,
+        )  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +368,8 @@ def packed_bitlinear(
 
 
 __all__ = [
+    "int8_ternary_linear",
+    "int8_ternary_linear_ref",
     "packed_bitlinear",
     "quantize_rows",
     "quantize_rows_ref",
