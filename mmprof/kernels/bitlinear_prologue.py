@@ -82,8 +82,9 @@ def _impl(backend, x):
 
 
 # The forward product on int8 tensor cores (issue 26): backend "triton-int8" asks for it (also on the
-# CPU under the Triton interpreter); "auto" takes it on CUDA GPUs with int8 tensor cores (sm_80+) when
-# the matmul dtype is bf16 or fp16, unless MMPROF_INT8_FORWARD=0. The backward is the same either way.
+# CPU under the Triton interpreter); "auto" takes it only when MMPROF_INT8_FORWARD=1, on CUDA GPUs with
+# int8 tensor cores (sm_80+) when the matmul dtype is bf16 or fp16: opt-in until its gradient test at the
+# GLU shape passes on the H200 (it failed there at fbf9b75). The backward is the same either way.
 INT8_BACKEND = "triton-int8"
 
 
@@ -92,7 +93,7 @@ def _int8_forward(backend, x, mm):
         return True
     if backend != "auto" or not x.is_cuda or mm not in (torch.bfloat16, torch.float16):
         return False
-    if os.environ.get("MMPROF_INT8_FORWARD", "1") == "0":
+    if os.environ.get("MMPROF_INT8_FORWARD", "0") != "1":
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
