@@ -19,7 +19,7 @@ def test_two_replicas_decode_side_by_side(tmp_path):
     for _, g in df.groupby("arch"):
         assert list(g["rank"]) == ["0", "1", "all"] and list(g["row_kind"]) == ["rank", "rank", "summary"]
         ranks, summary = g.iloc[:2], g.iloc[2]
-        assert summary["n_tokens_measured"] == ranks["n_tokens_measured"].sum() == 2 * 8   # a generation each
+        assert summary["n_tokens_measured"] == ranks["n_tokens_measured"].sum() == 2 * 7   # one pass of new_tokens - 1 = 7 decode steps each
         assert summary["tokens_per_s"] == pytest.approx(ranks["tokens_per_s"].sum(), rel=1e-5)
         assert summary["latency_p50_ms"] == pytest.approx(ranks["latency_p50_ms"].max(), rel=1e-5)
 

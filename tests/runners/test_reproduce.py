@@ -185,7 +185,7 @@ def test_plan_estimates_the_h200_time_per_part():
     assert abs(sum(parts) - 2 * rp.H200_CALL_S - rp.plan_total_s(full)) < 1e-6
     assert all(p < 600 for p in (parts[0] + parts[1] - rp.H200_CALL_S, parts[2]))   # two calls of < 10 min
     # the paper's windows: >= 5 s, 3 repeats; a 13b Transformer++ row is its longest decode row
-    assert full.set_index("configuration")["est_h200_s"].idxmax() == "transformer 13b bf16"
+    assert full.set_index("configuration")["est_h200_s"].idxmax() == "transformer 13b bf16 b1"
     assert rp.plan_total_s(rp.plan(rp.ReproduceSpec(device="cpu", preset="tiny"))) is None
     r = invoke("reproduce", "--plan", "--only", "train,decode-mmfree")
     assert r.exit_code == 0, r.output
