@@ -4,6 +4,7 @@
 - MMPROF_TEST_TEAR_ROW_S: tests only; each results row is written in two halves this many seconds
   apart, so a test can kill a sweep mid-row (mmprof.results.store).
 - MMPROF_GIT_COMMIT: the commit a run folder records where the copy has no .git (free text).
+- MMPROF_INT8_FORWARD: 1 runs the fused BitLinear forward on int8 tensor cores (opt-in; kernels.bitlinear_prologue).
 """
 
 from __future__ import annotations
@@ -34,3 +35,8 @@ def check_environment() -> None:
     """Parse every variable above now, so a bad one stops a command before anything is measured."""
     for name, default in SECONDS_VARIABLES.items():
         env_seconds(name, default)
+
+
+def int8_forward_enabled() -> bool:
+    """MMPROF_INT8_FORWARD=1: the fused forward product on int8 tensor cores (off when unset or anything else)."""
+    return os.environ.get("MMPROF_INT8_FORWARD", "0").strip() == "1"

@@ -25,7 +25,6 @@ matmuls are torch.mm in the matmul dtype (autocast's when on, as F.linear).
 `bitlinear_prologue_ref`: the unfused model's own ops, differentiated by autograd.
 """
 
-import os
 from typing import List, Optional
 
 import torch
@@ -39,6 +38,7 @@ from mmprof.kernels.w2a8_gemm import int8_ternary_linear
 from mmprof.kernels.norm_gate import rms_norm_silu_gate_ref
 from mmprof.kernels.ternary import NORM_EPS, autocast_dtype as _autocast_dtype, autocast_off as _autocast_off
 from mmprof.kernels.ternary import bitlinear_naive, rms_norm
+from mmprof.settings import int8_forward_enabled
 
 PROLOGUES = tri.PROLOGUES
 _PRE_NORMED = ("norm", "add_norm", "norm_gate")
@@ -93,7 +93,7 @@ def _int8_forward(backend, x, mm):
         return True
     if backend != "auto" or not x.is_cuda or mm not in (torch.bfloat16, torch.float16):
         return False
-    if os.environ.get("MMPROF_INT8_FORWARD", "0") != "1":
+    if not int8_forward_enabled():
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
