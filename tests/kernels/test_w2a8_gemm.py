@@ -13,6 +13,8 @@ from mmprof.kernels.ternary_pack import pack_ternary, pack_weight
 from mmprof.kernels.w2a8_gemm import (
     _CONFIGS,
     _INV_LEVELS,
+    _TRAIN_CONFIGS,
+    _int8_kernel,
     _w2a8_kernel,
     packed_bitlinear,
     quantize_rows,
@@ -265,7 +267,25 @@ def test_every_gpu_config_is_bit_exact():
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _w2a8_kernel.fn[grid](
             q, packed, out, out, out, m, n, k, packed.shape[1], 512, q.stride(0), out.stride(0), _INV_LEVELS,
-            DEQUANT=False, num_warps=config.num_warps, **meta,
+            DEQUANT=0, WEIGHT_INT8=False, num_warps=config.num_warps, **meta,
+        )  # fmt: skip
+        assert torch.equal(out, ref), meta
+
+
+@pytest.mark.gpu
+def test_every_training_config_is_bit_exact():
+    """The int8-weight tiles of the training forward (`int8_ternary_linear`), each on its own, with tails."""
+    m, n, k = 300, 333, 1000
+    q, t = random_gemm(m, n, k, device="cuda", seed=5)
+    levels = t.contiguous()  # int8 levels [N, K]: the training operand
+    ref = exact_product(q, t).cuda()
+    for config in _TRAIN_CONFIGS:
+        meta = config.kwargs
+        out = torch.full((m, n), -7, device="cuda", dtype=torch.int32)
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _int8_kernel.fn[grid](
+            q, levels, out, out, out, m, n, k, k, 512, q.stride(0), out.stride(0), _INV_LEVELS,
+            DEQUANT=0, WEIGHT_INT8=True, num_warps=config.num_warps, num_stages=config.num_stages, **meta,
         )  # fmt: skip
         assert torch.equal(out, ref), meta
 
