@@ -4,7 +4,8 @@
 - MMPROF_TEST_TEAR_ROW_S: tests only; each results row is written in two halves this many seconds
   apart, so a test can kill a sweep mid-row (mmprof.results.store).
 - MMPROF_GIT_COMMIT: the commit a run folder records where the copy has no .git (free text).
-- MMPROF_INT8_FORWARD: 1 runs the fused BitLinear forward on int8 tensor cores (opt-in; kernels.bitlinear_prologue).
+- MMPROF_INT8_FORWARD: 0 runs the fused BitLinear forward product in bf16 instead of on int8 tensor cores
+  (the default on GPUs that have them; kernels.bitlinear_prologue).
 """
 
 from __future__ import annotations
@@ -38,5 +39,13 @@ def check_environment() -> None:
 
 
 def int8_forward_enabled() -> bool:
-    """MMPROF_INT8_FORWARD=1: the fused forward product on int8 tensor cores (off when unset or anything else)."""
-    return os.environ.get("MMPROF_INT8_FORWARD", "0").strip() == "1"
+    """The fused forward product on int8 tensor cores: on unless MMPROF_INT8_FORWARD is 0."""
+    value = os.environ.get("MMPROF_INT8_FORWARD", "1").strip()
+    if value not in ("0", "1"):
+        raise UserError(f"MMPROF_INT8_FORWARD must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def mmprof_environment() -> dict[str, str]:
+    """Every MMPROF_* variable set in this process, for a run's meta.json."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMPROF_")}

@@ -82,9 +82,8 @@ def _impl(backend, x):
 
 
 # The forward product on int8 tensor cores (issue 26): backend "triton-int8" asks for it (also on the
-# CPU under the Triton interpreter); "auto" takes it only when MMPROF_INT8_FORWARD=1, on CUDA GPUs with
-# int8 tensor cores (sm_80+) when the matmul dtype is bf16 or fp16: opt-in until its gradient test at the
-# GLU shape passes on the H200 (it failed there at fbf9b75). The backward is the same either way.
+# CPU under the Triton interpreter); "auto" takes it on CUDA GPUs with int8 tensor cores (sm_80+) when
+# the matmul dtype is bf16 or fp16, unless MMPROF_INT8_FORWARD=0. The backward is the same either way.
 INT8_BACKEND = "triton-int8"
 
 

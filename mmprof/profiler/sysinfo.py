@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 
+from mmprof.settings import int8_forward_enabled, mmprof_environment
+
 from .gpu import GpuSource, Unavailable
 from .host import HostSource
 from .nvml import open_gpus
@@ -96,6 +98,8 @@ def system_info(gpu_sources: list[GpuSource] | None = None, host: HostSource | N
         "gpus": [gpu_info(g) for g in gpus],
         "gpu_unavailable": reason,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "mmprof_environment": mmprof_environment(),
+        "int8_forward": int8_forward_enabled(),
         "cpu": {
             "model": _cpu_model(),
             "cores_logical": os.cpu_count(),

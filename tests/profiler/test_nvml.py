@@ -191,3 +191,23 @@ def test_open_gpus_honours_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(NvmlUnavailable, match="hides every GPU"):
         open_gpus(None)
+
+
+@pytest.mark.parametrize("value, enabled", [(None, True), ("1", True), ("0", False), (" 0 ", False)])
+def test_meta_records_the_int8_forward_switch_and_every_mmprof_variable(monkeypatch, value, enabled):
+    FakeNvml(monkeypatch)
+    monkeypatch.delenv("MMPROF_INT8_FORWARD", raising=False)
+    if value is not None:
+        monkeypatch.setenv("MMPROF_INT8_FORWARD", value)
+    info = system_info()
+    assert info["int8_forward"] is enabled
+    assert info["mmprof_environment"].get("MMPROF_INT8_FORWARD") == value
+
+
+def test_a_malformed_int8_forward_switch_is_a_user_error(monkeypatch):
+    from mmprof.errors import UserError
+
+    FakeNvml(monkeypatch)
+    monkeypatch.setenv("MMPROF_INT8_FORWARD", "yes")
+    with pytest.raises(UserError, match="MMPROF_INT8_FORWARD must be 0 or 1, got 'yes'"):
+        system_info()
