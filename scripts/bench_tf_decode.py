@@ -26,7 +26,7 @@ import time
 import torch
 
 from mmprof.kernels import bf16_decode as k
-from mmprof.profiler import copy_bandwidth_gbps
+from mmprof.profiler import Timer, copy_bandwidth_gbps, time_fn
 from mmprof.workloads import Decoder, build_model, streamed_bytes
 from mmprof.workloads.decode import GraphDecoder
 
@@ -69,22 +69,13 @@ VARIANTS = {
 def events_s(fn, repeats: int) -> float:
     """Best time of `fn`'s GPU work over `repeats`, captured once as a CUDA graph and replayed
     (compiled and warmed by one eager call first)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    fn = graph.replay
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
+    graph.replay()
+    return time_fn(graph.replay, warmup=0, repeats=repeats, device="cuda").min_s
 
 
 def decode_rate(decoder, prompt, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
@@ -93,13 +84,12 @@ def decode_rate(decoder, prompt, new_tokens: int, repeats: int) -> tuple[float, 
     def timed():
         token = decoder.prefill(prompt).argmax(-1)
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        timer = Timer("cuda")
+        timer.mark()
         for _ in range(new_tokens - 1):
             token = decoder.greedy_step(token)
-        end.record()
-        torch.cuda.synchronize()
-        return (new_tokens - 1) / (start.elapsed_time(end) / 1e3)
+        timer.mark()
+        return (new_tokens - 1) / timer.total_s()
 
     token = decoder.prefill(prompt).argmax(-1)  # warm-up: compiles, captures; keeps the ids
     ids = [token.clone()]

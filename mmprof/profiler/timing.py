@@ -23,6 +23,11 @@ class TimingStats:
     n: int
     samples_s: list[float]
 
+    @property
+    def min_s(self) -> float:
+        """The fastest sample: a benchmark's best case (its floor under noise)."""
+        return min(self.samples_s)
+
     @classmethod
     def of(cls, samples_s: list[float]) -> TimingStats:
         if not samples_s:

@@ -25,6 +25,7 @@ def test_stats_of_fresh_samples():
     assert s.iqr_s == pytest.approx(quantile(0.75) - quantile(0.25))
     assert s.n == len(samples) and s.samples_s == samples
     assert TimingStats.of([0.5]).iqr_s == 0.0
+    assert TimingStats.of([0.3, 0.1, 0.2]).min_s == 0.1
     with pytest.raises(ValueError):
         TimingStats.of([])
 
