@@ -79,7 +79,9 @@ def _compiled(body):
 
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(body, fullgraph=True, dynamic=False)
+    # emulate_precision_casts: round to bf16 where the twin's ops do (else inductor keeps fp32 between
+    # fused ops, and bf16 fake-quantisation flips a few levels)
+    return torch.compile(body, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
 
 
 def _run(body, fast: bool):
