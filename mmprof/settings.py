@@ -5,8 +5,9 @@
   apart, so a test can kill a sweep mid-row (mmprof.results.store).
 - MMPROF_GIT_COMMIT: the commit a run folder records where the copy has no .git (free text).
 - MMPROF_INT8_FORWARD: 1 runs the fused BitLinear forward on int8 tensor cores (opt-in; kernels.bitlinear_prologue).
-- MMPROF_REFERENCE_COMPILE: 0 runs the `vanilla`/`ref-fused` ops' bodies in plain PyTorch on CUDA too
-  (default 1: torch.compile'd bodies on CUDA, the same saved tensors; kernels.reference_ops), for A/B timing.
+- MMPROF_REFERENCE_FAST: 0 runs the reference model's ops (`vanilla`/`ref-fused`: kernels.reference_ops,
+  and the recurrence on finished gates, kernels.mlgru_scan) in plain PyTorch on CUDA too, for A/B timing
+  (default 1: while training on CUDA, torch.compile'd bodies and a Triton scan saving the same tensors).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def check_environment() -> None:
     """Parse every variable above now, so a bad one stops a command before anything is measured."""
     for name, default in SECONDS_VARIABLES.items():
         env_seconds(name, default)
-    reference_compile_enabled()
+    reference_fast_enabled()
 
 
 def int8_forward_enabled() -> bool:
@@ -45,10 +46,10 @@ def int8_forward_enabled() -> bool:
     return os.environ.get("MMPROF_INT8_FORWARD", "0").strip() == "1"
 
 
-def reference_compile_enabled() -> bool:
-    """MMPROF_REFERENCE_COMPILE: 1 (default, also when unset or empty) compiles the reference ops' bodies
+def reference_fast_enabled() -> bool:
+    """MMPROF_REFERENCE_FAST: 1 (default, also when unset or empty) runs the reference ops' fast bodies
     on CUDA, 0 keeps them plain PyTorch; anything else is an error."""
-    text = os.environ.get("MMPROF_REFERENCE_COMPILE", "").strip()
+    text = os.environ.get("MMPROF_REFERENCE_FAST", "").strip()
     if text not in ("", "0", "1"):
-        raise UserError(f"MMPROF_REFERENCE_COMPILE={text!r}: must be 0 or 1")
+        raise UserError(f"MMPROF_REFERENCE_FAST={text!r}: must be 0 or 1")
     return text != "0"

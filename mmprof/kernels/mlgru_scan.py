@@ -150,8 +150,10 @@ class _MLGRUScan(torch.autograd.Function):
 def _use_triton(backend: str, f: Tensor) -> bool:
     """The Triton bodies (`mlgru_scan_triton`), for at least one step: where `select_backend` gives
     "triton" for an explicit backend="triton"; with "auto" on plain CUDA tensors (not fake ones) while
-    gradients are on and no CUDA graph is being captured (training: decoding keeps the PyTorch scan)."""
+    gradients are on, no CUDA graph is being captured (training: decoding keeps the PyTorch scan) and
+    MMPROF_REFERENCE_FAST is not 0."""
     from mmprof.kernels._triton_util import select_backend
+    from mmprof.settings import reference_fast_enabled
 
     if f.shape[1] == 0 or select_backend(backend, f) != "triton":
         return False
@@ -159,7 +161,7 @@ def _use_triton(backend: str, f: Tensor) -> bool:
         return True
     if type(f) not in (torch.Tensor, torch.nn.Parameter) or not torch.is_grad_enabled():
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    return not torch.cuda.is_current_stream_capturing() and reference_fast_enabled()
 
 
 def mlgru_scan(

@@ -26,7 +26,7 @@ called from inside the autograd Functions, so what is saved does not change) run
 ones, as the reference's Triton kernels are; the matmuls stay cuBLAS. The plain-PyTorch run of the same
 functions is the twin and the path everywhere else: CPU, meta, fake tensors, no-grad (decoding), under a
 dispatch mode (the live-tensor tracker), CUDA-graph capture, a compile trace, and with
-MMPROF_REFERENCE_COMPILE=0 (`mmprof.settings`). In `vanilla`'s fake-quantisation the compiled path
+MMPROF_REFERENCE_FAST=0 (`mmprof.settings`). In `vanilla`'s fake-quantisation the compiled path
 computes `x + (q(x) - x)` in one kernel with an identity backward, which is what the detach spelling
 differentiates to; neither keeps anything for backward.
 """
@@ -48,7 +48,7 @@ from mmprof.kernels.ternary import (
     rms_inv,
     weight_quant,
 )
-from mmprof.settings import reference_compile_enabled
+from mmprof.settings import reference_fast_enabled
 
 RECOMPILE_LIMIT = 64  # graphs per body: a few shapes and dtypes per model, times the sizes a process runs
 
@@ -65,12 +65,12 @@ def _rows(t: Tensor) -> Tensor:
 def compiled_bodies(t: Tensor) -> bool:
     """True when the ops' bodies run compiled for a call on `t`: a plain CUDA tensor (not fake or
     another subclass) with gradients on, no dispatch mode, CUDA-graph capture or compile trace active,
-    and MMPROF_REFERENCE_COMPILE not 0."""
+    and MMPROF_REFERENCE_FAST not 0."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cuda or not torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return not torch.cuda.is_current_stream_capturing() and reference_compile_enabled()
+    return not torch.cuda.is_current_stream_capturing() and reference_fast_enabled()
 
 
 @functools.cache

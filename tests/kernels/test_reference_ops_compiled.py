@@ -11,7 +11,7 @@ import torch
 
 import mmprof.kernels.reference_ops as ro
 from mmprof.errors import UserError
-from mmprof.settings import check_environment, reference_compile_enabled
+from mmprof.settings import check_environment, reference_fast_enabled
 from tests.workloads.helpers import rel_rms, saved_activation_bytes
 
 gpu = pytest.mark.gpu
@@ -58,16 +58,16 @@ def _inputs(names, rows, hidden, out_features, dtype, device):
 
 @contextlib.contextmanager
 def plain_bodies():
-    """MMPROF_REFERENCE_COMPILE=0 for the block."""
-    old = os.environ.get("MMPROF_REFERENCE_COMPILE")
-    os.environ["MMPROF_REFERENCE_COMPILE"] = "0"
+    """MMPROF_REFERENCE_FAST=0 for the block."""
+    old = os.environ.get("MMPROF_REFERENCE_FAST")
+    os.environ["MMPROF_REFERENCE_FAST"] = "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ["MMPROF_REFERENCE_COMPILE"]
+            del os.environ["MMPROF_REFERENCE_FAST"]
         else:
-            os.environ["MMPROF_REFERENCE_COMPILE"] = old
+            os.environ["MMPROF_REFERENCE_FAST"] = old
 
 
 def _compare(op, rows, hidden, out_features, dtype, device, tol):
@@ -87,7 +87,7 @@ def _compare(op, rows, hidden, out_features, dtype, device, tol):
 @pytest.fixture
 def aot_eager_on_cpu(monkeypatch):
     """The compiled path on CPU tensors, traced whole by dynamo and AOT autograd, run eagerly."""
-    monkeypatch.setattr(ro, "compiled_bodies", lambda t: torch.is_grad_enabled() and reference_compile_enabled())
+    monkeypatch.setattr(ro, "compiled_bodies", lambda t: torch.is_grad_enabled() and reference_fast_enabled())
     cache = functools.cache(lambda body: torch.compile(body, backend="aot_eager", fullgraph=True, dynamic=False))
     monkeypatch.setattr(ro, "_compiled", cache)
     yield
@@ -111,15 +111,15 @@ def test_vanilla_compiled_keeps_what_the_twin_keeps_on_cpu(aot_eager_on_cpu):
 def test_plain_bodies_off_cuda_without_grad_and_when_switched_off(monkeypatch):
     x = torch.randn(4, 8)
     assert not ro.compiled_bodies(x)
-    monkeypatch.setenv("MMPROF_REFERENCE_COMPILE", "0")
-    assert not reference_compile_enabled()
-    monkeypatch.setenv("MMPROF_REFERENCE_COMPILE", "yes")
-    with pytest.raises(UserError, match="MMPROF_REFERENCE_COMPILE='yes': must be 0 or 1"):
+    monkeypatch.setenv("MMPROF_REFERENCE_FAST", "0")
+    assert not reference_fast_enabled()
+    monkeypatch.setenv("MMPROF_REFERENCE_FAST", "yes")
+    with pytest.raises(UserError, match="MMPROF_REFERENCE_FAST='yes': must be 0 or 1"):
         check_environment()
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: inductor at 1.3B shapes and a small one, bf16, against MMPROF_REFERENCE_COMPILE=0
+# GPU: inductor at 1.3B shapes and a small one, bf16, against MMPROF_REFERENCE_FAST=0
 # ---------------------------------------------------------------------------------------------
 
 GPU_CASES = {  # case: (op, input width, out_features, input dtype)
