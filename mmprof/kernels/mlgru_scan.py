@@ -18,7 +18,8 @@
   buffers are O(B*T*D).
 - `mlgru_scan`: the production scan on finished gates f, i [B, T, D] with a hand-written backward
   (di = g, df_t = g_t * c_{t-1}) that saves only f, the output h (kept by the next op anyway) and
-  c_0. Returns (h [B, T, D] in i's dtype, final_state = c_T in fp32).
+  c_0. Returns (h [B, T, D] in i's dtype, final_state = c_T in fp32). On CUDA, while training, its
+  forward and backward run as Triton kernels (`mlgru_scan_triton.py`) saving the same tensors.
 """
 
 from __future__ import annotations
@@ -112,10 +113,16 @@ def reverse_scan(f: Tensor, dh: Tensor, d_final: Tensor, chunk_len: int | None =
 
 class _MLGRUScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f: Tensor, i: Tensor, state: Tensor | None, chunk_len: int | None):
-        with torch.no_grad():
-            c, final = affine_scan(f.float(), i.float(), state.float() if state is not None else None, chunk_len)
-        h = c.to(i.dtype)
+    def forward(ctx, f: Tensor, i: Tensor, state: Tensor | None, chunk_len: int | None, triton: bool):
+        ctx.triton = triton
+        if ctx.triton:
+            from mmprof.kernels.mlgru_scan_triton import scan_forward
+
+            h, final = scan_forward(f.contiguous(), i.contiguous(), state.contiguous() if state is not None else None)
+        else:
+            with torch.no_grad():
+                c, final = affine_scan(f.float(), i.float(), state.float() if state is not None else None, chunk_len)
+            h = c.to(i.dtype)
         ctx.save_for_backward(f, h, state)
         ctx.i_dtype, ctx.chunk_len = i.dtype, chunk_len
         return h, final
@@ -124,6 +131,12 @@ class _MLGRUScan(torch.autograd.Function):
     def backward(ctx, dh: Tensor, dfinal: Tensor):
         f, h, state = ctx.saved_tensors
         batch, steps, dim = f.shape
+        if ctx.triton:
+            from mmprof.kernels.mlgru_scan_triton import scan_backward
+
+            s0 = state.contiguous() if state is not None else None
+            d_f, d_i, d_s = scan_backward(f.contiguous(), h, s0, dh.contiguous(), dfinal.contiguous(), ctx.i_dtype)
+            return d_f, d_i, d_s.to(state.dtype) if state is not None else None, None, None
         f32 = f.float()
         g = reverse_scan(f32, dh.float(), dfinal.float(), ctx.chunk_len)
         c0 = state.float() if state is not None else f32.new_zeros(batch, dim)
@@ -131,13 +144,32 @@ class _MLGRUScan(torch.autograd.Function):
         d_state = None
         if state is not None:
             d_state = (f32[:, 0] * g[:, 0] if steps else dfinal).to(state.dtype)
-        return d_f, g.to(ctx.i_dtype), d_state, None
+        return d_f, g.to(ctx.i_dtype), d_state, None, None
+
+
+def _use_triton(backend: str, f: Tensor) -> bool:
+    """The Triton bodies (`mlgru_scan_triton`), for at least one step: where `select_backend` gives
+    "triton" for an explicit backend="triton"; with "auto" on plain CUDA tensors (not fake ones) while
+    gradients are on, no CUDA graph is being captured (training: decoding keeps the PyTorch scan) and
+    MMPROF_REFERENCE_FAST is not 0."""
+    from mmprof.kernels._triton_util import select_backend
+    from mmprof.settings import reference_fast_enabled
+
+    if f.shape[1] == 0 or select_backend(backend, f) != "triton":
+        return False
+    if backend == "triton":
+        return True
+    if type(f) not in (torch.Tensor, torch.nn.Parameter) or not torch.is_grad_enabled():
+        return False
+    return not torch.cuda.is_current_stream_capturing() and reference_fast_enabled()
 
 
 def mlgru_scan(
-    f: Tensor, i: Tensor, state: Tensor | None = None, *, chunk_len: int | None = None
+    f: Tensor, i: Tensor, state: Tensor | None = None, *, chunk_len: int | None = None, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """Production scan; same results as `mlgru_scan_naive` to fp32 rounding."""
+    """Production scan; same results as `mlgru_scan_naive` to fp32 rounding. backend: "auto" (Triton on
+    CUDA while training, the chunked PyTorch scan elsewhere) | "triton" | "torch"; both keep f, h and
+    the state."""
     if f.shape != i.shape or f.dim() != 3:
         raise ValueError(f"f and i must both be [B, T, D]; got {tuple(f.shape)} and {tuple(i.shape)}")
-    return _MLGRUScan.apply(f, i, state, chunk_len)
+    return _MLGRUScan.apply(f, i, state, chunk_len, _use_triton(backend, f))

@@ -14,6 +14,9 @@ Three paths compute the same function, chosen by the config's `bitlinear` field:
   cross-entropy over the logits that writes its gradient into them (`kernels/reference_ops.py`);
   only the BitLinear differs: the reference's unfused class (`vanilla`, the paper's baseline) or
   its FusedBitLinear (`ref-fused`).
+  While training on CUDA these ops run fused bodies saving the same tensors (torch.compile'd
+  arithmetic, a Triton scan), as the reference's Triton kernels do; MMPROF_REFERENCE_FAST=0 turns
+  them off.
 - `fused` folds each BitLinear's preceding elementwise op
 into its input pass (`bitlinear_prologue`: attn_norm into i/f/g_proj, the residual add and mlp_norm
 into gate_proj, silu(a) * b into down_proj, the output gate into o_proj), runs the recurrence with

@@ -74,3 +74,54 @@ def test_memory_at_training_scale():
     (h.sum() + c.sum()).backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 8 * one
+
+
+TRITON_CASES = {"b2-t37-d20": (2, 37, 20), "t1": (1, 1, 16), "b1-t16-d16": (1, 16, 16)}
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                    (torch.float32, torch.float16)], ids=["fp32", "fp16", "fp32-f-fp16-i"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
+@pytest.mark.parametrize("case", TRITON_CASES.values(), ids=TRITON_CASES.keys())
+def test_triton_scan_matches_the_pytorch_scan(case, with_state, dtypes):
+    """The Triton bodies (interpreter on CPU, tiles of 8 steps and 16 channels) against the PyTorch
+    scan: outputs, gradients, and what is saved for backward."""
+    batch, steps, dim = case
+    f, i = gates(batch, steps, dim)
+    f, i = f.to(dtypes[0]), i.to(dtypes[1])
+    s = torch.randn(batch, dim) if with_state else None
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (f, i, s) if t is not None]
+        (h, c), saved = saved_activation_bytes(lambda: mlgru_scan(*leaves, *([None] * (3 - len(leaves))), backend=backend))
+        torch.manual_seed(3)
+        gh, gc = torch.randn_like(h, dtype=torch.float32), torch.randn_like(c)
+        grads = torch.autograd.grad((h.float() * gh).sum() + (c * gc).sum(), leaves)
+        results[backend] = (h, c, saved, grads)
+    h, c, saved, grads = results["triton"]
+    h_ref, c_ref, saved_ref, grads_ref = results["torch"]
+    tol = 1e-6 if dtypes == (torch.float32, torch.float32) else 2e-3
+    assert h.dtype == h_ref.dtype and c.dtype == torch.float32 and saved == saved_ref
+    assert rel_rms(h, h_ref) < tol and rel_rms(c, c_ref) < 1e-6
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == b.dtype and rel_rms(a, b) < tol
+
+
+@pytest.mark.gpu
+def test_triton_scan_matches_the_pytorch_scan_at_1_3b_width():
+    """batch 2 x seq 2048 x 2048 channels, fp32 gates (layers > 0) and bf16 ones (layer 0)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for dtype in (torch.float32, torch.bfloat16):
+        f, i = (t.cuda().to(dtype) for t in gates(2, 2048, 2048))
+        s = torch.randn(2, 2048, device="cuda")
+        outs = {}
+        for backend in ("torch", "auto"):
+            leaves = [t.detach().clone().requires_grad_() for t in (f, i, s)]
+            h, c = mlgru_scan(*leaves, backend=backend)
+            gh = torch.randn(h.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            outs[backend] = (h, c, torch.autograd.grad((h.float() * gh).sum() + c.sum(), leaves))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        (h, c, g), (h_ref, c_ref, g_ref) = outs["auto"], outs["torch"]
+        assert rel_rms(h, h_ref) < tol and rel_rms(c, c_ref) < 1e-5
+        assert all(rel_rms(a, b) < tol for a, b in zip(g, g_ref))
