@@ -39,7 +39,8 @@ for stage in "${STAGES[@]}"; do
       # run compiles every kernel configuration: all of them ran past 270 s on an H200, hence 540)
       timeout "${STAGE_TIMEOUT:-540}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest-gpu.log" | tail -25 || status=1 ;;
     profiler)
-      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
+      # shellcheck disable=SC2086  # PROFILER_ARGS: more options of profiler_check.py (e.g. --log-rounds)
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" ${PROFILER_ARGS:-} 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
     kernels)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$LOGS/bench-kernels.log" || status=1 ;;
     train)
