@@ -2,7 +2,7 @@
 """Check the profiler against itself and the CUDA allocator on a real GPU (issue 3, item 10).
 
   (a) counter energy vs the integral of instant power over a >= 5 s square-wave load (target 2%)
-  (b) the slowdown that 100 Hz sampling causes, interleaved A/B rounds with the sampling process paused
+  (b) the slowdown that 100 Hz sampling (--sample-hz) causes, interleaved A/B rounds with the sampling process paused
       and running (target: the 95% CI's upper end < 1%), for a compute-bound and a launch-bound
       workload; the in-process thread (the fallback, --kinds process,thread) can be shown beside it
   (c) the live-tensor tracker's peak vs torch.cuda.max_memory_allocated on a training step (target 5%)
@@ -10,7 +10,7 @@
     python scripts/profiler_check.py --out results/h200/profiler/profiler_check.csv
 
 Writes the rows (schema "profiler-check") to --out, the square wave's power_trace.csv and phases.csv
-and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about a minute.
+and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about two minutes on an H200 (the A/B rounds most of it).
 """
 
 from __future__ import annotations
@@ -131,22 +131,23 @@ def time_block(work, calls: int, device: str) -> Block:
 
 
 @contextmanager
-def steady_host(pin_off: int | None):
+def steady_host(pin_off: int | None, pin: bool = True):
     """Python's cyclic GC off (collected once before) and the calling thread pinned to one CPU off the
-    sampling process's core, for the A/B rounds: a GC pass or a migration inside a 0.3 s block is noise
-    of the size of the effect. Restores both on leaving. Yields the CPU pinned to (None: not pinned)."""
+    sampling process's core, for the A/B rounds: a GC pass or a migration inside a 0.1 s block is noise
+    of the size of the effect. Restores both on leaving. Yields the CPU pinned to (None: not pinned;
+    pin=False leaves the affinity alone: a thread sampler created inside would share the one CPU)."""
     from mmprof.profiler.sampler_process import current_cpu, workload_cpus
 
-    was_enabled, before = gc.isenabled(), None
-    cpu = None
-    try:
-        before = os.sched_getaffinity(0)
-        cpus = workload_cpus(pin_off, set(before))
-        now = current_cpu()
-        cpu = now if now in cpus else min(cpus)
-        os.sched_setaffinity(0, {cpu})
-    except (AttributeError, OSError):
-        cpu = None
+    was_enabled, before, cpu = gc.isenabled(), None, None
+    if pin and hasattr(os, "sched_setaffinity"):
+        try:
+            before = os.sched_getaffinity(0)
+            cpus = workload_cpus(pin_off, set(before))
+            now = current_cpu()
+            cpu = now if now in cpus else min(cpus)
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            before, cpu = None, None
     gc.collect()
     gc.disable()
     try:
@@ -154,7 +155,7 @@ def steady_host(pin_off: int | None):
     finally:
         if was_enabled:
             gc.enable()
-        if before is not None and cpu is not None:
+        if before is not None:
             os.sched_setaffinity(0, before)
 
 
@@ -208,8 +209,8 @@ def _summary(ratios: list[float], blocks: list) -> str:
 
 
 def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int = 1,
-                      warmup_s: float = 2.0, log_blocks: bool = False) -> list[dict]:
-    """(b) Interleaved A/B: one 100 Hz sampling session per kind; the process sampler is paused
+                      warmup_s: float = 2.0, log_blocks: bool = False, hz: float = 100.0) -> list[dict]:
+    """(b) Interleaved A/B: one sampling session (`hz`, 100 as the runners sample) per kind; the process sampler is paused
     (SIGSTOP) for the off blocks and resumed for the on blocks, so both run in the same session and
     machine state. The thread sampler (the fallback; --kinds thread) cannot be paused: its off blocks
     are timed between two sessions instead. The figure is the mean paired slowdown with its 95%
@@ -223,10 +224,10 @@ def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int =
         for kind in kinds:
             blocks: list = []
             stats, pinned = None, None
-            with Profiler(device=device, sample_hz=100, idle_s=0, sampler=kind) as prof:
+            with Profiler(device=device, sample_hz=hz, idle_s=0, sampler=kind) as prof:
                 assert prof.sampler_kind == kind, prof.sampler_note
                 sampler = prof.sampler
-                with steady_host(getattr(sampler, "cpu", None)) as pinned:
+                with steady_host(getattr(sampler, "cpu", None), pin=kind == "process") as pinned:
                     warm_up(work, device, warmup_s)
                     if kind == "process":
                         ratios = _ab_rounds(work, device, rounds, sampler.pause, sampler.resume, calls, blocks)
@@ -234,14 +235,14 @@ def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int =
             if kind == "process":
                 stats = sampler.call_stats
             else:
-                with steady_host(None) as pinned:
-                    ratios = _thread_rounds(work, device, rounds, calls, blocks)
+                with steady_host(None, pin=False) as pinned:
+                    ratios = _thread_rounds(work, device, rounds, calls, blocks, hz)
             mean, lo, hi = paired_ci(ratios)
             held = kind == "process"   # the default on a GPU; the thread is the fallback, shown for comparison
             where = f"workload thread pinned to CPU {pinned}" if pinned is not None else "workload thread not pinned"
             if held:
                 where += f", sampling process on CPU {sampler.cpu}"
-            note = (f"sampler: {kind}; {rounds} interleaved A/B rounds (ABBA/BAAB) after {warmup_s:g} s of warm-up, "
+            note = (f"sampler: {kind} at {hz:g} Hz; {rounds} interleaved A/B rounds (ABBA/BAAB) after {warmup_s:g} s of warm-up, "
                     f"blocks of {calls} calls timed whole (CUDA events), GC off, {where}; paired slowdown mean "
                     f"{mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}], {_summary(ratios, blocks)}")
             if held:
@@ -265,7 +266,8 @@ def _print_rounds(ratios: list[float], blocks: list) -> None:
         print(f"      round {r:3d}: {cells} ms a call -> {ratio:+6.2f}%", flush=True)
 
 
-def _thread_rounds(work, device: str, rounds: int, calls: int = 1, blocks: list | None = None) -> list[float]:
+def _thread_rounds(work, device: str, rounds: int, calls: int = 1, blocks: list | None = None,
+                   hz: float = 100.0) -> list[float]:
     """The thread sampler's rounds: off blocks outside a session, on blocks inside one, ABBA/BAAB."""
     from mmprof.profiler import Profiler
 
@@ -274,7 +276,7 @@ def _thread_rounds(work, device: str, rounds: int, calls: int = 1, blocks: list 
         t = {False: [], True: []}
         for state in ((False, True, True, False) if r % 2 == 0 else (True, False, False, True)):
             if state:
-                with Profiler(device=device, sample_hz=100, idle_s=0, sampler="thread"):
+                with Profiler(device=device, sample_hz=hz, idle_s=0, sampler="thread"):
                     time.sleep(0.02)
                     b = time_block(work, calls, device)
             else:
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="calls of the workload per A/B block, timed as one span")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="untimed run of each workload before its rounds, s")
     parser.add_argument("--log-rounds", action="store_true", help="print every round's four blocks")
+    parser.add_argument("--sample-hz", type=float, default=100.0, help="sampling rate of the slowdown check")
     parser.add_argument("--kinds", default="process",
                         help="samplers the slowdown check times: process (held to < 1%%), thread (for comparison)")
     parser.add_argument("--only", default=None,
@@ -377,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = (
         ("counter-vs-instant-integral", lambda: [square_wave(args.device, args.square_s, args.out.parent)]),
         ("sampling-slowdown", lambda: sampling_slowdown(args.device, args.rounds, tuple(args.kinds.split(",")),
-                                                        args.block_calls, args.warmup_s, args.log_rounds)),
+                                                        args.block_calls, args.warmup_s, args.log_rounds,
+                                                        args.sample_hz)),
         ("tracker-vs-max-memory-allocated", lambda: [tracker_vs_allocator(args.device)]),
     )
     wanted = set(args.only.split(",")) if args.only else {label for label, _ in checks}

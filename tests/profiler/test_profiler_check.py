@@ -90,5 +90,5 @@ def test_sampling_slowdown_end_to_end_with_a_scripted_gpu(monkeypatch):
     monkeypatch.setattr(check, "_workloads", lambda device: {"launch-bound": lambda: time.sleep(0.003)})
     (row,) = check.sampling_slowdown("cpu", 6, ("process",), 1, warmup_s=0.05, log_blocks=True)
     assert row["check"] == "sampling-slowdown-launch-bound-process" and row["passed"] in (0, 1)
-    assert "6 interleaved A/B rounds" in row["note"] and "NVML calls (mean time x count): power_w" in row["note"]
+    assert "at 100 Hz; 6 interleaved A/B rounds" in row["note"] and "NVML calls (mean time x count): power_w" in row["note"]
     assert "host enqueue time / block time 1.0" in row["note"]
