@@ -230,7 +230,11 @@ def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int =
                 with steady_host(getattr(sampler, "cpu", None), pin=kind == "process") as pinned:
                     warm_up(work, device, warmup_s)
                     if kind == "process":
-                        ratios = _ab_rounds(work, device, rounds, sampler.pause, sampler.resume, calls, blocks)
+                        def on():   # the next block starts once a fresh tick is stored, so it is sampled throughout
+                            sampler.resume()
+                            sampler.wait_past(time.monotonic(), timeout_s=0.2)
+
+                        ratios = _ab_rounds(work, device, rounds, sampler.pause, on, calls, blocks)
                         sampler.resume()
             if kind == "process":
                 stats = sampler.call_stats

@@ -105,6 +105,14 @@ def workload_cpus(sampler_at: int | None, allowed: set[int] | None = None, core=
     return (allowed - core(sampler_at)) or (allowed - {sampler_at}) or allowed
 
 
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (T: stopped); None where unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _choose_cpu() -> int | None:
     try:
         return sampler_cpu(set(os.sched_getaffinity(0)), current_cpu())
@@ -189,11 +197,15 @@ class ProcessSampler(TraceReader):
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def pause(self) -> None:
+    def pause(self, timeout_s: float = 0.1) -> None:
         """Stop the sampling process where it is (SIGSTOP; no samples until resume): lets a check
-        time the same workload with and without sampling, interleaved, in one session."""
+        time the same workload with and without sampling, interleaved, in one session. Returns once
+        the process shows as stopped (an NVML call in flight finishes first), or after timeout_s."""
         if self.running:
             os.kill(self._proc.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + timeout_s
+            while _state(self._proc.pid) not in ("T", "t", None) and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def resume(self) -> None:
         if self.running:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmprof.profiler.sampler_process import ProcessSampler, SamplerDidNotStart, read_every, sampler_cpu, workload_cpus
+from mmprof.profiler.sampler_process import ProcessSampler, SamplerDidNotStart, _state, read_every, sampler_cpu, workload_cpus
 from mmprof.profiler.window import ALIGN_MAX_GAP_S, GpuContext, _counter_window, build, read_edge
 
 from .fakes import ScriptedGpu
@@ -72,6 +72,7 @@ def test_a_paused_sampling_process_takes_no_samples_and_still_stops(child_sees_f
     sampler.start()
     try:
         sampler.pause()
+        assert _state(sampler._proc.pid) in ("T", None)   # stopped when pause() returns
         time.sleep(0.05)
         sampler._refresh()
         n = len(sampler.traces[0].t_s)
