@@ -10,7 +10,8 @@
     python scripts/profiler_check.py --out results/h200/profiler/profiler_check.csv
 
 Writes the rows (schema "profiler-check") to --out, the square wave's power_trace.csv and phases.csv
-and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about two minutes on an H200 (the A/B rounds most of it).
+and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about two minutes on an
+H200, the A/B rounds most of it.
 """
 
 from __future__ import annotations
@@ -191,12 +192,14 @@ def _ab_rounds(work, device: str, rounds: int, off, on, calls: int = 1, blocks: 
     return out
 
 
-def _child_calls(stats: dict | None) -> str:
-    """The sampling process's NVML calls: how often and how long each, and its share of the time."""
+def _child_calls(stats: dict | None, hz: float = 100.0) -> str:
+    """The sampling process's NVML calls: how often and how long each, and its share of its ticks' time."""
     if not stats or not stats.get("calls"):
         return "sampling process call times not reported"
     parts = [f"{name} {1e3 * s / n:.2f} ms x {n}" for name, (n, s) in stats["calls"].items()]
-    return f"sampling process: {stats['ticks']} ticks; NVML calls (mean time x count): " + ", ".join(parts)
+    busy = sum(s for _, s in stats["calls"].values()) / max(stats["ticks"] / hz, 1e-9)
+    return (f"sampling process: {stats['ticks']} ticks, in NVML {100 * busy:.0f}% of the time; "
+            "NVML calls (mean time x count): " + ", ".join(parts))
 
 
 def _summary(ratios: list[float], blocks: list) -> str:
@@ -210,9 +213,9 @@ def _summary(ratios: list[float], blocks: list) -> str:
 
 def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int = 1,
                       warmup_s: float = 2.0, log_blocks: bool = False, hz: float = 100.0) -> list[dict]:
-    """(b) Interleaved A/B: one sampling session (`hz`, 100 as the runners sample) per kind; the process sampler is paused
-    (SIGSTOP) for the off blocks and resumed for the on blocks, so both run in the same session and
-    machine state. The thread sampler (the fallback; --kinds thread) cannot be paused: its off blocks
+    """(b) Interleaved A/B: one sampling session (`hz`, 100 as the runners sample) per kind; the
+    process sampler is paused (SIGSTOP) for the off blocks and resumed for the on blocks, so both run
+    in the same session and machine state. The thread sampler (the fallback; --kinds thread) cannot be paused: its off blocks
     are timed between two sessions instead. The figure is the mean paired slowdown with its 95%
     bootstrap interval; the process sampler passes when the interval's upper end is below 1%.
     Each workload is warmed up for `warmup_s` first, and timed with the GC off and this thread
@@ -246,18 +249,18 @@ def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int =
             where = f"workload thread pinned to CPU {pinned}" if pinned is not None else "workload thread not pinned"
             if held:
                 where += f", sampling process on CPU {sampler.cpu}"
-            note = (f"sampler: {kind} at {hz:g} Hz; {rounds} interleaved A/B rounds (ABBA/BAAB) after {warmup_s:g} s of warm-up, "
-                    f"blocks of {calls} calls timed whole (CUDA events), GC off, {where}; paired slowdown mean "
-                    f"{mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}], {_summary(ratios, blocks)}")
+            note = (f"sampler: {kind} at {hz:g} Hz; {rounds} interleaved A/B rounds (ABBA/BAAB) after "
+                    f"{warmup_s:g} s of warm-up, blocks of {calls} calls timed whole (CUDA events), GC off, {where}; "
+                    f"paired slowdown mean {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}], {_summary(ratios, blocks)}")
             if held:
-                note += "; " + _child_calls(stats)
+                note += "; " + _child_calls(stats, hz)
             rows.append(_row(f"sampling-slowdown-{name}-{kind}", device, mean, "%", None,
                              "slowdown < 1% (95% CI upper end)" if held else "shown for comparison",
                              hi < 1.0 if held else None, note) | {"diff_pct": mean})
             print(f"    {name} {kind}: slowdown {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}] over {rounds} rounds; "
                   f"{_summary(ratios, blocks)}", flush=True)
             if held:
-                print(f"    {_child_calls(stats)}", flush=True)
+                print(f"    {_child_calls(stats, hz)}", flush=True)
             if log_blocks:
                 _print_rounds(ratios, blocks)
     return rows

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmprof.profiler.sampler_process import ProcessSampler, SamplerDidNotStart, _state, read_every, sampler_cpu, workload_cpus
+from mmprof.profiler.sampler_process import (ProcessSampler, SamplerDidNotStart, _state, read_every, sampler_cpu,
+                                             workload_cpus)
 from mmprof.profiler.window import ALIGN_MAX_GAP_S, GpuContext, _counter_window, build, read_edge
 
 from .fakes import ScriptedGpu
