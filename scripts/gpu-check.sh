@@ -64,7 +64,8 @@ for stage in "${STAGES[@]}"; do
       for log in "$LOGS"/pytest-gpu-*.log; do echo "--- $(basename "$log" .log): $(tail -1 "$log")"; done | tee "$LOGS/pytest-gpu.log"
       grep -h '^FAILED\|^ERROR' "$LOGS"/pytest-gpu-*.log | tee -a "$LOGS/pytest-gpu.log" ;;
     profiler)
-      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
+      # shellcheck disable=SC2086  # PROFILER_ARGS: more options of profiler_check.py (e.g. --log-rounds)
+      timeout "${STAGE_TIMEOUT:-300}" python3 scripts/profiler_check.py --out "$RUNS/profiler-check.csv" ${PROFILER_ARGS:-} 2>&1 | tee "$LOGS/profiler-check.log" || status=1 ;;
     kernels)
       timeout "${STAGE_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out "$RUNS/bench-kernels.csv" 2>&1 | tee "$LOGS/bench-kernels.log" || status=1 ;;
     train)

@@ -2,7 +2,7 @@
 """Check the profiler against itself and the CUDA allocator on a real GPU (issue 3, item 10).
 
   (a) counter energy vs the integral of instant power over a >= 5 s square-wave load (target 2%)
-  (b) the slowdown that 100 Hz sampling causes, interleaved A/B rounds with the sampling process paused
+  (b) the slowdown that 100 Hz sampling (--sample-hz) causes, interleaved A/B rounds with the sampling process paused
       and running (target: the 95% CI's upper end < 1%), for a compute-bound and a launch-bound
       workload; the in-process thread (the fallback, --kinds process,thread) can be shown beside it
   (c) the live-tensor tracker's peak vs torch.cuda.max_memory_allocated on a training step (target 5%)
@@ -10,19 +10,24 @@
     python scripts/profiler_check.py --out results/h200/profiler/profiler_check.csv
 
 Writes the rows (schema "profiler-check") to --out, the square wave's power_trace.csv and phases.csv
-and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about a minute.
+and system_info.json beside it. Needs a CUDA GPU; exits 2 without one. Takes about two minutes on an
+H200, the A/B rounds most of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -82,7 +87,7 @@ def _workloads(device: str):
         for _ in range(200):
             torch.mm(a, a, out=c)
 
-    def launch_bound():  # host-bound: tiny kernels, like batch-1 decoding
+    def launch_bound():  # host-bound: 9,000 tiny kernels a call, like batch-1 decoding
         y = x
         for _ in range(3000):
             y = torch.tanh(y * 1.0001 + 0.5)
@@ -102,70 +107,190 @@ def paired_ci(ratios: list[float], level: float = 0.95, resamples: int = 4000) -
     return statistics.fmean(ratios), means[int(tail * resamples)], means[int((1 - tail) * resamples) - 1]
 
 
-def _ab_rounds(work, device: str, rounds: int, off, on, repeats: int = 5) -> list[float]:
-    """Paired slowdowns, %: each round times the workload off-on-on-off (on-off-off-on in odd rounds),
-    median of `repeats` CUDA-event timings a block, and compares the mean of its two on blocks with
-    the mean of its two off blocks, so drifts slower than a round cancel."""
-    from mmprof.profiler import time_fn
+class Block(NamedTuple):
+    """One timed block: `calls` calls back to back between two marks of the profiler's Timer."""
 
+    per_call_s: float      # the block's time (CUDA events on a GPU) over its calls
+    host_per_call_s: float  # host clock over the same calls, without the final wait: = per_call_s when launch-bound
+
+
+def time_block(work, calls: int, device: str) -> Block:
+    """A fixed number of calls (so a fixed kernel count) timed as one span: every periodic cost of
+    the sampler (its 10 ms ticks, 20 ms counter reads, 100 ms slow fields) falls inside it in
+    proportion, none is dropped as an outlier."""
+    from mmprof.profiler import Timer, synchronize
+
+    timer = Timer(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    timer.mark()
+    for _ in range(calls):
+        work()
+    t1 = time.perf_counter()
+    timer.mark()           # total_s waits for the device
+    return Block(timer.total_s() / calls, (t1 - t0) / calls)
+
+
+@contextmanager
+def steady_host(pin_off: int | None, pin: bool = True):
+    """Python's cyclic GC off (collected once before) and the calling thread pinned to one CPU off the
+    sampling process's core, for the A/B rounds: a GC pass or a migration inside a 0.1 s block is noise
+    of the size of the effect. Restores both on leaving. Yields the CPU pinned to (None: not pinned;
+    pin=False leaves the affinity alone: a thread sampler created inside would share the one CPU)."""
+    from mmprof.profiler.sampler_process import current_cpu, workload_cpus
+
+    was_enabled, before, cpu = gc.isenabled(), None, None
+    if pin and hasattr(os, "sched_setaffinity"):
+        try:
+            before = os.sched_getaffinity(0)
+            cpus = workload_cpus(pin_off, set(before))
+            now = current_cpu()
+            cpu = now if now in cpus else min(cpus)
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            before, cpu = None, None
+    gc.collect()
+    gc.disable()
+    try:
+        yield cpu
+    finally:
+        if was_enabled:
+            gc.enable()
+        if before is not None:
+            os.sched_setaffinity(0, before)
+
+
+def warm_up(work, device: str, seconds: float) -> None:
+    """Run the workload until `seconds` have passed: GPU and CPU clocks, caches and the allocator in
+    their steady state before the first timed block."""
+    from mmprof.profiler import synchronize
+
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        work()
+    synchronize(device)
+
+
+def _ab_rounds(work, device: str, rounds: int, off, on, calls: int = 1, blocks: list | None = None) -> list[float]:
+    """Paired slowdowns, %: each round times a block of `calls` calls off-on-on-off (on-off-off-on in
+    odd rounds) and compares the mean of its two on blocks with the mean of its two off blocks, so
+    drifts slower than a round cancel. Switching costs nothing (a signal to the sampling process),
+    so blocks follow each other without sleeps (an idle CPU or GPU would clock down), and short
+    blocks (one call of ~0.1 s) with many rounds cancel more of the machine's drift than long ones
+    in the same time: the interval narrows as 1/sqrt(rounds) either way for noise that is not a drift.
+    `blocks`, when given, collects (round, state, Block) for the log."""
     out = []
     for r in range(rounds):
         t = {False: [], True: []}
         for state in ((False, True, True, False) if r % 2 == 0 else (True, False, False, True)):
             (on if state else off)()
-            time.sleep(0.02)   # the sampler has settled (or stopped) before the block starts
-            t[state].append(time_fn(work, warmup=1, repeats=repeats, device=device).median_s)
+            b = time_block(work, calls, device)
+            t[state].append(b.per_call_s)
+            if blocks is not None:
+                blocks.append((r, state, b))
         out.append(100.0 * (statistics.fmean(t[True]) / statistics.fmean(t[False]) - 1.0))
     return out
 
 
-def sampling_slowdown(device: str, rounds: int, kinds=("process",), repeats: int = 5) -> list[dict]:
-    """(b) Interleaved A/B: one 100 Hz sampling session per kind; the process sampler is paused
-    (SIGSTOP) for the off blocks and resumed for the on blocks, so both run in the same session and
-    machine state. The thread sampler (the fallback; --kinds thread) cannot be paused: its off blocks
+def _child_calls(stats: dict | None, hz: float = 100.0) -> str:
+    """The sampling process's NVML calls: how often and how long each, and its share of its ticks' time."""
+    if not stats or not stats.get("calls"):
+        return "sampling process call times not reported"
+    parts = [f"{name} {1e3 * s / n:.2f} ms x {n}" for name, (n, s) in stats["calls"].items()]
+    busy = sum(s for _, s in stats["calls"].values()) / max(stats["ticks"] / hz, 1e-9)
+    return (f"sampling process: {stats['ticks']} ticks, in NVML {100 * busy:.0f}% of the time; "
+            "NVML calls (mean time x count): " + ", ".join(parts))
+
+
+def _summary(ratios: list[float], blocks: list) -> str:
+    off = [b.per_call_s for _, state, b in blocks if not state]
+    host = statistics.median(b.host_per_call_s / b.per_call_s for _, _, b in blocks if b.per_call_s > 0)
+    spread = 100.0 * statistics.pstdev(off) / statistics.fmean(off) if len(off) > 1 else math.nan
+    return (f"median {statistics.median(ratios):+.2f}%, rounds sd {statistics.pstdev(ratios):.2f}%; "
+            f"off blocks {1e3 * statistics.fmean(off):.2f} ms a call, sd {spread:.2f}% between blocks; "
+            f"host enqueue time / block time {host:.2f} (about 1: launch-bound)")
+
+
+def sampling_slowdown(device: str, rounds: int, kinds=("process",), calls: int = 1,
+                      warmup_s: float = 2.0, log_blocks: bool = False, hz: float = 100.0) -> list[dict]:
+    """(b) Interleaved A/B: one sampling session (`hz`, 100 as the runners sample) per kind; the
+    process sampler is paused (SIGSTOP) for the off blocks and resumed for the on blocks, so both run
+    in the same session and machine state. The thread sampler (the fallback; --kinds thread) cannot be paused: its off blocks
     are timed between two sessions instead. The figure is the mean paired slowdown with its 95%
-    bootstrap interval; the process sampler passes when the interval's upper end is below 1%."""
-    from mmprof.profiler import Profiler, time_fn
+    bootstrap interval; the process sampler passes when the interval's upper end is below 1%.
+    Each workload is warmed up for `warmup_s` first, and timed with the GC off and this thread
+    pinned off the sampling process's core (steady_host)."""
+    from mmprof.profiler import Profiler
 
     rows = []
     for name, work in _workloads(device).items():
-        time_fn(work, warmup=3, repeats=3, device=device)
         for kind in kinds:
-            with Profiler(device=device, sample_hz=100, idle_s=0, sampler=kind) as prof:
+            blocks: list = []
+            stats, pinned = None, None
+            with Profiler(device=device, sample_hz=hz, idle_s=0, sampler=kind) as prof:
                 assert prof.sampler_kind == kind, prof.sampler_note
                 sampler = prof.sampler
-                if kind == "process":
-                    ratios = _ab_rounds(work, device, rounds, sampler.pause, sampler.resume, repeats)
-                    sampler.resume()
-            if kind != "process":
-                ratios = _thread_rounds(work, device, rounds, repeats)
+                with steady_host(getattr(sampler, "cpu", None), pin=kind == "process") as pinned:
+                    warm_up(work, device, warmup_s)
+                    if kind == "process":
+                        def on():   # the next block starts once a fresh tick is stored, so it is sampled throughout
+                            sampler.resume()
+                            sampler.wait_past(time.monotonic(), timeout_s=0.2)
+
+                        ratios = _ab_rounds(work, device, rounds, sampler.pause, on, calls, blocks)
+                        sampler.resume()
+            if kind == "process":
+                stats = sampler.call_stats
+            else:
+                with steady_host(None, pin=False) as pinned:
+                    ratios = _thread_rounds(work, device, rounds, calls, blocks, hz)
             mean, lo, hi = paired_ci(ratios)
             held = kind == "process"   # the default on a GPU; the thread is the fallback, shown for comparison
-            note = (f"sampler: {kind}; {rounds} interleaved A/B rounds (ABBA/BAAB), median of {repeats} CUDA-event "
-                    f"timings a block; paired slowdown mean {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}], "
-                    f"median {statistics.median(ratios):+.2f}%, rounds sd {statistics.pstdev(ratios):.2f}%")
+            where = f"workload thread pinned to CPU {pinned}" if pinned is not None else "workload thread not pinned"
+            if held:
+                where += f", sampling process on CPU {sampler.cpu}"
+            note = (f"sampler: {kind} at {hz:g} Hz; {rounds} interleaved A/B rounds (ABBA/BAAB) after "
+                    f"{warmup_s:g} s of warm-up, blocks of {calls} calls timed whole (CUDA events), GC off, {where}; "
+                    f"paired slowdown mean {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}], {_summary(ratios, blocks)}")
+            if held:
+                note += "; " + _child_calls(stats, hz)
             rows.append(_row(f"sampling-slowdown-{name}-{kind}", device, mean, "%", None,
                              "slowdown < 1% (95% CI upper end)" if held else "shown for comparison",
                              hi < 1.0 if held else None, note) | {"diff_pct": mean})
-            print(f"    {name} {kind}: slowdown {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}] over {rounds} rounds",
-                  flush=True)
+            print(f"    {name} {kind}: slowdown {mean:+.2f}% [95% CI {lo:+.2f}, {hi:+.2f}] over {rounds} rounds; "
+                  f"{_summary(ratios, blocks)}", flush=True)
+            if held:
+                print(f"    {_child_calls(stats, hz)}", flush=True)
+            if log_blocks:
+                _print_rounds(ratios, blocks)
     return rows
 
 
-def _thread_rounds(work, device: str, rounds: int, repeats: int = 5) -> list[float]:
+def _print_rounds(ratios: list[float], blocks: list) -> None:
+    for r, ratio in enumerate(ratios):
+        own = [(state, b) for k, state, b in blocks if k == r]
+        cells = " ".join(f"{'on ' if state else 'off'} {1e3 * b.per_call_s:8.3f}" for state, b in own)
+        print(f"      round {r:3d}: {cells} ms a call -> {ratio:+6.2f}%", flush=True)
+
+
+def _thread_rounds(work, device: str, rounds: int, calls: int = 1, blocks: list | None = None,
+                   hz: float = 100.0) -> list[float]:
     """The thread sampler's rounds: off blocks outside a session, on blocks inside one, ABBA/BAAB."""
-    from mmprof.profiler import Profiler, time_fn
+    from mmprof.profiler import Profiler
 
     out = []
     for r in range(rounds):
         t = {False: [], True: []}
         for state in ((False, True, True, False) if r % 2 == 0 else (True, False, False, True)):
             if state:
-                with Profiler(device=device, sample_hz=100, idle_s=0, sampler="thread"):
+                with Profiler(device=device, sample_hz=hz, idle_s=0, sampler="thread"):
                     time.sleep(0.02)
-                    t[True].append(time_fn(work, warmup=1, repeats=repeats, device=device).median_s)
+                    b = time_block(work, calls, device)
             else:
-                t[False].append(time_fn(work, warmup=1, repeats=repeats, device=device).median_s)
+                b = time_block(work, calls, device)
+            t[state].append(b.per_call_s)
+            if blocks is not None:
+                blocks.append((r, state, b))
         out.append(100.0 * (statistics.fmean(t[True]) / statistics.fmean(t[False]) - 1.0))
     return out
 
@@ -226,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write the check rows to")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--square-s", type=float, default=6.0, help="length of the square-wave window, s")
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved A/B rounds of the slowdown check")
-    parser.add_argument("--block-repeats", type=int, default=5, help="timed calls per A/B block (their median)")
+    parser.add_argument("--rounds", type=int, default=150, help="interleaved A/B rounds of the slowdown check")
+    parser.add_argument("--block-calls", type=int, default=1,
+                        help="calls of the workload per A/B block, timed as one span")
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="untimed run of each workload before its rounds, s")
+    parser.add_argument("--log-rounds", action="store_true", help="print every round's four blocks")
+    parser.add_argument("--sample-hz", type=float, default=100.0, help="sampling rate of the slowdown check")
     parser.add_argument("--kinds", default="process",
                         help="samplers the slowdown check times: process (held to < 1%%), thread (for comparison)")
     parser.add_argument("--only", default=None,
@@ -258,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = (
         ("counter-vs-instant-integral", lambda: [square_wave(args.device, args.square_s, args.out.parent)]),
         ("sampling-slowdown", lambda: sampling_slowdown(args.device, args.rounds, tuple(args.kinds.split(",")),
-                                                                args.block_repeats)),
+                                                        args.block_calls, args.warmup_s, args.log_rounds,
+                                                        args.sample_hz)),
         ("tracker-vs-max-memory-allocated", lambda: [tracker_vs_allocator(args.device)]),
     )
     wanted = set(args.only.split(",")) if args.only else {label for label, _ in checks}

@@ -3,10 +3,16 @@
 Run as a script by sampler_process.py (by path, CONFIG_JSON its last argument), so it imports only
 the standard library and pynvml: no torch, no mmprof. It opens its own NVML handles (NVML handles
 belong to the process that made them), pins itself to one CPU, and stops when its stdin reaches end
-of file (the parent closed it, or died). One record per GPU per tick, `RECORD` (little-endian
+of file (the parent closed it, or died). It lowers its own priority (`nice`: a workload sharing its CPU
+comes first). One record per GPU per tick, `RECORD` (little-endian
 doubles): time on CLOCK_MONOTONIC (shared by every process of the host), GPU position, then the
 fields of `FIELDS`, NaN where not read this tick or failed. A reading that fails for good is written
-once to stderr as `position<TAB>field<TAB>NVML code` and not asked again.
+once to stderr as `position<TAB>field<TAB>NVML code` and not asked again. On leaving, it writes to
+`stats_path` (JSON) how many times it made each NVML call and the seconds they took in all, so a
+check can say which reading costs what.
+
+Each field is read every `every[field]` ticks (1 where not named); a GPU at position p reads a field
+on the ticks n with (n + p) % every == 0, so two GPUs' slow energy-counter reads fall on different ticks.
 """
 
 from __future__ import annotations
@@ -56,10 +62,15 @@ def main(config: dict) -> int:
             os.sched_setaffinity(0, {config["cpu"]})
         except OSError:
             pass
+    if config.get("nice"):
+        try:
+            os.nice(config["nice"])
+        except OSError:
+            pass
     nvml.nvmlInit()
-    every = {"energy_mj": config["counter_every"],
-             **{f: config["slow_every"] for f in ("gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c")}}
+    every = {k: max(1, int(v)) for k, v in config["every"].items()}
     permanent = set(config["permanent_codes"])
+    calls = {f: [0, 0.0] for f in FIELDS}   # first field of a reading -> [calls, seconds]
     gpus = []
     for pos, (index, source) in enumerate(zip(config["nvml_indices"], config["power_sources"])):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -73,8 +84,9 @@ def main(config: dict) -> int:
             t = time.monotonic()
             row = dict.fromkeys(FIELDS, math.nan)
             for names, read in readers.items():
-                if read is None or n % every.get(names[0], 1):
+                if read is None or (n + pos) % every.get(names[0], 1):
                     continue
+                t_call = time.perf_counter()
                 try:
                     row.update(zip(names, read()))
                 except nvml.NVMLError as exc:
@@ -83,6 +95,10 @@ def main(config: dict) -> int:
                         readers[names] = None
                         for name in names:
                             print(f"{pos}\t{name}\t{code}", file=sys.stderr, flush=True)
+                finally:
+                    spent = calls[names[0]]
+                    spent[0] += 1
+                    spent[1] += time.perf_counter() - t_call
             chunk.append(RECORD.pack(t, pos, *(row[f] for f in FIELDS)))
         os.write(out, b"".join(chunk))
         n += 1
@@ -93,6 +109,9 @@ def main(config: dict) -> int:
         if select.select([sys.stdin], [], [], delay)[0] and not sys.stdin.buffer.read1(4096):
             break  # end of file on stdin: the parent asked us to stop (or is gone)
     os.close(out)
+    if config.get("stats_path"):
+        with open(config["stats_path"], "w") as f:
+            json.dump({"ticks": n, "calls": {k: v for k, v in calls.items() if v[0]}}, f)
     return 0
 
 

@@ -3,10 +3,17 @@
 A sampling thread in the measured process takes the interpreter lock at every reading, and a
 launch-bound workload (batch-1 decoding, a Python loop of tiny kernels) waits for it each time
 (2.9% slower at 100 Hz on an H200). `ProcessSampler` starts `sampler_child.py` as a separate Python
-process pinned to one CPU (the last one this process may use); it opens its own NVML handles by the
-NVML indices of the GPUs and appends binary records to a file that this process reads only when a
-window asks for its samples (no thread of ours wakes at the sampling rate). Host RSS and the RAPL
-poll, which need no high rate, stay on a 1 Hz thread here. The interface is Sampler's.
+process at a lower priority, pinned to one CPU (`sampler_cpu`: the last one this process may use that
+is not on the core the calling thread runs on); it opens its own NVML handles by the NVML indices of
+the GPUs and appends binary records to a file that this process reads only when a window asks for its
+samples (no thread of ours wakes at the sampling rate). Host RSS and the RAPL poll, which need no high
+rate, stay on a 1 Hz thread here. The interface is Sampler's.
+
+What each tick reads (`read_every`): NVML updates power and the energy counter about every 100 ms, so
+reading faster buys only driver time. Power is read every tick; the energy counter (~4 ms a read on an
+H200, the costliest call) every DENSE_COUNTER_S (20 ms: still within window.ALIGN_MAX_GAP_S, so windows
+place the counter's updates and integrate power over the span it covers, and count every update);
+memory used every 50 ms; utilisation, SM clock and temperature every 100 ms.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 from .gpu import GpuSource
 from .host import HostSource
 from .nvml import _REASONS, _unavailable
-from .sampler import COUNTER_EVERY, GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
+from .sampler import GPU_FIELDS, GpuTrace, Sampler, TraceReader, probe_power
 from .sampler_child import FIELDS, RECORD
 
 assert FIELDS == GPU_FIELDS
@@ -33,25 +40,89 @@ _CHILD = Path(__file__).with_name("sampler_child.py")
 _RUN_CHILD = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
+DENSE_COUNTER_S = 0.02   # counter reads this far apart: within window.ALIGN_MAX_GAP_S (25 ms)
+SPARSE_COUNTER_S = 0.05  # with more than 2 GPUs (their reads would not fit the ticks): updates counted only
+MEMORY_S = 0.05
+SLOW_S = 0.1
+NICE = 10                # the sampling process yields to the workload where they share a CPU
+
+
 class SamplerDidNotStart(RuntimeError):
     pass
 
 
-def _last_cpu() -> int | None:
+def read_every(hz: float, n_gpus: int) -> dict[str, int]:
+    """Ticks between reads of each field whose cadence is not every tick, at `hz` ticks a second."""
+    def ticks(seconds: float) -> int:
+        return max(1, int(round(seconds * hz)))
+
+    counter = ticks(DENSE_COUNTER_S if n_gpus <= 2 else SPARSE_COUNTER_S)
+    slow = dict.fromkeys(("gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "temp_c"), ticks(SLOW_S))
+    return {"energy_mj": counter, "mem_used_bytes": ticks(MEMORY_S), **slow}
+
+
+def core_of(cpu: int) -> set[int]:
+    """The logical CPUs that share cpu's physical core (SMT siblings), cpu itself included."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
     try:
-        return max(os.sched_getaffinity(0))
+        return _cpu_list(path.read_text()) | {cpu}
+    except (OSError, ValueError):
+        return {cpu}
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11}"""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def current_cpu() -> int | None:
+    """The CPU the calling thread is running on now (field 39 of /proc/thread-self/stat)."""
+    try:
+        stat = Path("/proc/thread-self/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sampler_cpu(allowed: set[int], busy: int | None, core=core_of) -> int | None:
+    """The CPU for the sampling process: the highest of `allowed` off the physical core of `busy`
+    (the workload's CPU), else the highest other than `busy`, else None (one CPU: do not pin)."""
+    if len(allowed) < 2:
+        return None
+    away = core(busy) if busy is not None else set()
+    return max(allowed - away) if allowed - away else max(allowed - {busy})
+
+
+def workload_cpus(sampler_at: int | None, allowed: set[int] | None = None, core=core_of) -> set[int]:
+    """The CPUs of `allowed` (default: the calling thread's) off the sampling process's core."""
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    if sampler_at is None:
+        return allowed
+    return (allowed - core(sampler_at)) or (allowed - {sampler_at}) or allowed
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (T: stopped); None where unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _choose_cpu() -> int | None:
+    try:
+        return sampler_cpu(set(os.sched_getaffinity(0)), current_cpu())
     except (AttributeError, OSError):
         return None
 
 
 class ProcessSampler(TraceReader):
-    def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float, slow_every: int = 10,
-                 counter_every: int | None = None):
-        # the counter every tick for up to 2 GPUs (its ~4 ms read is the child's time, not the
-        # workload's): windows place the counter's ~100 ms updates that finely and integrate power
-        # over the span it covers; more GPUs would not fit a 10 ms tick, and read it every 5th
-        if counter_every is None:
-            counter_every = 1 if len(gpus) <= 2 else COUNTER_EVERY
+    def __init__(self, gpus: list[GpuSource], host: HostSource | None, hz: float,
+                 every: dict[str, int] | None = None, nice: int = NICE):
         if hz <= 0:
             raise ValueError("sample rate must be positive")
         self.gpus = gpus
@@ -59,8 +130,10 @@ class ProcessSampler(TraceReader):
         self.clock = time.monotonic
         self.traces = [GpuTrace(g.index) for g in gpus]
         self.error: BaseException | None = None
-        self.cpu = _last_cpu()
-        self._config = {"hz": hz, "slow_every": max(1, slow_every), "counter_every": max(1, counter_every),
+        self.cpu = _choose_cpu()
+        self.every = read_every(hz, len(gpus)) | (every or {})
+        self.call_stats: dict | None = None   # the child's NVML calls and their time, once stopped
+        self._config = {"hz": hz, "every": self.every, "nice": nice,
                         "nvml_indices": [g.nvml_index for g in gpus], "cpu": self.cpu,
                         "permanent_codes": [c for c, (_, lasting) in _REASONS.items() if lasting]}
         self._host = Sampler([], host, hz=1.0, host_every=1) if host is not None else None
@@ -82,7 +155,8 @@ class ProcessSampler(TraceReader):
             if reason:
                 tr.reasons["power_w"] = reason
             sources.append(source or "none")
-        self._config.update(power_sources=sources, path=str(self._path))
+        self._config.update(power_sources=sources, path=str(self._path),
+                            stats_path=str(Path(self._dir.name) / "stats.json"))
         self._path.touch()
         with open(self._stderr_path, "w") as err:
             # run by path through runpy: its folder is not put on sys.path (it holds a trace.py)
@@ -109,6 +183,12 @@ class ProcessSampler(TraceReader):
                 self._proc.wait()
         self._refresh()
         self._stopped = True
+        stats = Path(self._dir.name) / "stats.json"
+        if stats.exists() and self.call_stats is None:
+            try:
+                self.call_stats = json.loads(stats.read_text())
+            except ValueError:
+                pass
         self._dir.cleanup()   # every record is in the traces now
         if self._host is not None:
             self._host.stop()
@@ -117,11 +197,15 @@ class ProcessSampler(TraceReader):
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def pause(self) -> None:
+    def pause(self, timeout_s: float = 0.1) -> None:
         """Stop the sampling process where it is (SIGSTOP; no samples until resume): lets a check
-        time the same workload with and without sampling, interleaved, in one session."""
+        time the same workload with and without sampling, interleaved, in one session. Returns once
+        the process shows as stopped (an NVML call in flight finishes first), or after timeout_s."""
         if self.running:
             os.kill(self._proc.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + timeout_s
+            while _state(self._proc.pid) not in ("T", "t", None) and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def resume(self) -> None:
         if self.running:

@@ -113,3 +113,19 @@ def test_tracker_peak_matches_the_cuda_allocator():
     n_param_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert cats["params"] == pytest.approx(n_param_bytes, rel=0.01)
     assert cats["activations"] + cats["temporaries"] > 0
+
+
+def test_the_sampling_process_reads_the_counter_every_20_ms_and_reports_its_calls():
+    """The cadence that keeps the sampler cheap on a real GPU: the counter every 2nd 10 ms tick, still
+    dense enough to count every ~100 ms update; the child's NVML call times come back on stopping."""
+    with Profiler(device="cuda:0", sample_hz=100, idle_s=0, sampler="process") as prof:
+        with prof.window("load") as w:
+            _busy(1.5)
+        sampler = prof._sampler
+    trace = sampler.traces[0]
+    reads = [k for k, v in enumerate(trace.values["energy_mj"]) if v == v]
+    assert sampler.every["energy_mj"] == 2 and reads and {k % 2 for k in reads} == {0}
+    assert w.measurement.n_counter_updates >= 10, w.measurement
+    calls = sampler.call_stats["calls"]
+    assert calls["energy_mj"][0] == len(reads) and calls["power_w"][0] == len(trace.t_s)
+    print({name: f"{1e3 * s / n:.2f} ms x {n}" for name, (n, s) in calls.items()})

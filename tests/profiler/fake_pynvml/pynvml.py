@@ -1,5 +1,6 @@
-"""A scripted pynvml for the sampling process in tests: 250 W, a counter that steps every 100 ms,
-temperature not supported. Put this folder on PYTHONPATH of the child only."""
+"""A scripted pynvml for the sampling process in tests: 250 W, a counter that steps every 100 ms of
+the host's monotonic clock (at its multiples of 0.1 s, so the parent can compute the same counter:
+`counter_mj`), temperature not supported. Put this folder on PYTHONPATH of the child only."""
 
 import time
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 NVML_CLOCK_SM = 1
 NVML_TEMPERATURE_GPU = 0
 POWER_W = 250.0
-_T0 = time.monotonic()
+STEP_S = 0.1
 
 
 class NVMLError(Exception):
@@ -50,5 +51,9 @@ def nvmlDeviceGetTemperature(handle, sensor):
 
 
 def nvmlDeviceGetTotalEnergyConsumption(handle):
-    steps = int((time.monotonic() - _T0) / 0.1)
-    return int(steps * 0.1 * POWER_W * 1000)
+    return counter_mj(time.monotonic())
+
+
+def counter_mj(t_s: float) -> int:
+    """The counter at monotonic time t_s: the energy at 250 W up to the last 100 ms step."""
+    return int(int(t_s / STEP_S) * STEP_S * POWER_W * 1000)
