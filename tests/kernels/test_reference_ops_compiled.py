@@ -45,6 +45,9 @@ OPS = {  # name -> (fn, the inputs it takes); the GLU's SiLU-multiply gets the h
 }
 
 
+AUTOCAST_OPS = ("vanilla", "ref-fused")
+
+
 def _inputs(names, rows, hidden, out_features, dtype, device):
     gen = torch.Generator(device="cpu").manual_seed(0)
     make = {
@@ -78,7 +81,10 @@ def _compare(op, rows, hidden, out_features, dtype, device, tol):
         plain_out, plain_grads, plain_packed = _grads(fn, tensors)
     for got, want in zip(fast_out + fast_grads, plain_out + plain_grads):
         assert got.dtype == want.dtype and got.shape == want.shape
-        limit = tol[got.dtype] if isinstance(tol, dict) else tol
+        # under bf16 autocast (the BitLinears) every result, fp32 leaves' gradients too, comes out of bf16
+        # matmuls on quantised operands: bf16-accurate whatever its dtype
+        computed_in = torch.bfloat16 if op in AUTOCAST_OPS else got.dtype
+        limit = tol[computed_in] if isinstance(tol, dict) else tol
         assert rel_rms(got, want) < limit, (op, got.dtype, rel_rms(got, want))
     if op != "vanilla":  # the detach spelling packs (and frees at once) the tensors of q(x) - x
         assert fast_packed == plain_packed
@@ -132,9 +138,11 @@ GPU_CASES = {  # case: (op, input width, out_features, input dtype)
     "ref-fused-fp32-in": ("ref-fused", HIDDEN, HIDDEN, torch.float32),
     "ref-fused-down": ("ref-fused", INTERMEDIATE, HIDDEN, torch.bfloat16),
 }
-# by result dtype: inductor reorders sums (row reductions, the norm weight's gradient over rows), so
-# fp32 results agree to fp32 rounding; a bf16 result may differ by one rounding, and a quantisation
-# level can flip where a reordered rstd crosses a rounding boundary
+# by the dtype a result is computed in (bf16 for everything under autocast, else its own dtype):
+# inductor reorders sums (row reductions, the norm weight's gradient over rows), so fp32 results agree
+# to fp32 rounding; a bf16 result may differ by one rounding, and a quantisation level can flip where
+# a reordered rstd crosses a rounding boundary. (By result dtype alone, the BitLinears' fp32 weight
+# and norm gradients differed by 1.4e-4 to 8.9e-3 on the H200 at 60d0d3c: bf16 matmul accuracy.)
 GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
