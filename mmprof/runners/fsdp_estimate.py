@@ -21,6 +21,9 @@ The model of one rank (every rank holds the same padded shards, so one figure st
   prefetched); in backward through the blocks, also the root's gradients (reduce-scattered only when
   backward ends), a block's unsharded gradients and their fp32 reduce-scatter input; at the end of
   backward, the root's parameters, gradients and fp32 reduce-scatter input only.
+The forward/backward term comes from the fast path (train_estimate.compose_sharded: three blocks
+traced at batch 1 and 2, composed to the model's depth and batch) unless `--estimate full`, which
+traces the whole forward and backward here (fwd_bwd_peak, the reference the tests compare with).
 Not modelled: NCCL's own buffers and allocator fragmentation (they show in peak_reserved_gib).
 """
 
@@ -137,8 +140,14 @@ def estimate_sharded(cfg, spec) -> dict:
     n = spec.world_size
     shape = model_config(spec)
     state = sharded_state(cfg.arch, shape, cfg.bitlinear, spec.precision, n)
-    fb = fwd_bwd_peak(cfg.arch, shape, cfg.bitlinear, spec.precision, cfg.batch, spec.seq,
-                      cfg.checkpointing, n)
+    if spec.estimate_method == "fast":
+        from mmprof.runners.train_estimate import Shape, compose_sharded
+
+        fb = compose_sharded(Shape(cfg.arch, shape, cfg.bitlinear or "fused", spec.seq, spec.precision,
+                                   cfg.checkpointing, world=n), cfg.batch)
+    else:
+        fb = fwd_bwd_peak(cfg.arch, shape, cfg.bitlinear, spec.precision, cfg.batch, spec.seq,
+                          cfg.checkpointing, n)
     act, temp, frac = fb["act"], fb["temp"], fb["frac"]
     p, o = state["param"], state["optim"]
     unsharded = {                      # what is unsharded besides the fake run's own tensors
