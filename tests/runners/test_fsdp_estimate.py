@@ -64,3 +64,43 @@ def test_checkpointing_lowers_the_estimated_activations(tmp_path):
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out / "measurements.csv").set_index("checkpointing")
     assert df.loc["layer", "act_mem_gib"] < df.loc["none", "act_mem_gib"]
+
+
+SHARDED_CASES = [  # (arch, impl, layers, hidden, seq, batch, world, checkpointing)
+    ("mmfree", "fused", 6, 64, 32, 1, 2, "none"),
+    ("mmfree", "fused", 7, 96, 48, 3, 8, "none"),
+    ("mmfree", "ref-fused", 5, 64, 32, 2, 4, "layer"),
+    ("mmfree", "vanilla", 2, 64, 16, 4, 3, "none"),      # fewer blocks than the fast path traces
+    ("transformer", "", 6, 64, 32, 3, 2, "none"),
+    ("transformer", "", 5, 128, 64, 2, 8, "layer"),
+    ("transformer", "", 9, 64, 16, 5, 4, "none"),
+]
+
+
+@pytest.mark.parametrize("arch,impl,layers,hidden,seq,batch,world,ckpt", SHARDED_CASES,
+                         ids=[f"{a}-{i or 'tpp'}-L{n}-d{h}-s{s}-b{b}-N{w}-{c}" for a, i, n, h, s, b, w, c in SHARDED_CASES])
+def test_fast_sharded_estimate_within_half_a_percent_of_full_trace(arch, impl, layers, hidden, seq, batch, world, ckpt):
+    """The per-rank FSDP2 estimate composed from three traced blocks (the default) against the whole
+    forward and backward traced (--estimate full), at several shapes, batches, world sizes and
+    checkpointing settings."""
+    overrides = (("layers", layers), ("hidden", hidden), ("intermediate", 3 * hidden), ("heads", 4), ("vocab", 256))
+    spec = tm.TrainMemorySpec(size="tiny", seq=seq, device="meta", shard="fsdp", world_size=world,
+                              checkpointings=(ckpt,), overrides=overrides)
+    cfg = tm.Config(arch, impl, batch, ckpt)
+    fast, full = tm.estimate(cfg, spec), tm.full_trace(cfg, spec)
+    for col in ("peak_alloc_gib", "act_mem_gib", "param_gib", "optim_gib"):
+        assert fast[col] == pytest.approx(full[col], rel=5e-3), col
+    assert fast["note"].split(";")[1] == full["note"].split(";")[1]        # the peak's stage
+
+
+def test_fast_sharded_estimate_is_linear_in_batch_and_grows_with_depth():
+    """Batch and depth the fast path composes, not traces: the forward/backward term beyond the shards
+    grows with both."""
+    def row(layers, batch, world=4):
+        overrides = (("layers", layers), ("hidden", 64), ("intermediate", 192), ("heads", 4), ("vocab", 256))
+        spec = tm.TrainMemorySpec(size="tiny", seq=32, device="meta", shard="fsdp", world_size=world,
+                                  overrides=overrides)
+        return tm.estimate(tm.Config("mmfree", "fused", batch), spec)
+
+    assert row(8, 4)["act_mem_gib"] > row(8, 2)["act_mem_gib"] > row(8, 1)["act_mem_gib"]
+    assert row(12, 2)["act_mem_gib"] > row(6, 2)["act_mem_gib"]
