@@ -48,10 +48,14 @@ def test_sharded_estimate_at_13b_on_meta(tmp_path, arch, impl):
 
 
 def test_sharded_state_matches_the_model_parameters():
+    """sharded_state counts one block's shards once per layer: the whole model's, exactly."""
     spec = tm.TrainMemorySpec(size="tiny", seq=16, device="meta", shard="fsdp", world_size=3)
+    for arch in ("mmfree", "transformer"):
+        st = sharded_state(arch, "tiny", "fused", "bf16-autocast", 3)
+        params = list(build_model(arch, "tiny", device="meta").parameters())
+        assert st["param"] == sum(shard_bytes(p, 3, 4) for p in params)
+        assert st["optim"] == 2 * st["param"] + len(params) * 512
     st = sharded_state("mmfree", "tiny", "fused", "bf16-autocast", 3)
-    params = list(build_model("mmfree", "tiny", device="meta").parameters())
-    assert st["param"] == sum(shard_bytes(p, 3, 4) for p in params)
     row = tm.estimate(tm.Config("mmfree", "fused", 2), spec)
     assert round(row["param_gib"] * GIB) == st["param"] and round(row["optim_gib"] * GIB) == st["optim"]
 
