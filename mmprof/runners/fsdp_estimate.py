@@ -71,29 +71,23 @@ def compute_dtype(precision: str) -> torch.dtype:
 def sharded_state(arch: str, size, bitlinear: str, precision: str, world: int) -> dict:
     """Per-rank bytes of parameter shards, AdamW state, and unsharded root/block sizes (compute dtype).
 
-    Built with one block on meta and the block's figures counted once per layer: the blocks are
-    alike, and each parameter is sharded on its own. Cached per argument tuple (a sweep asks for
-    the same one at every batch)."""
-    cfg = resolve_config(size)
-    model = build_model(arch, cfg.replace(num_layers=1), bitlinear=bitlinear or "fused", device="meta")
+    Cached per argument tuple: a sweep asks for the same one at every batch (the whole model is built
+    on meta: not every parameter outside the blocks has a size independent of the depth)."""
+    model = build_model(arch, resolve_config(size), bitlinear=bitlinear or "fused", device="meta")
     master = torch.empty((), dtype=param_dtype(precision)).element_size()
     comp = torch.empty((), dtype=compute_dtype(precision)).element_size()
+    params = list(model.parameters())
+    p_bytes = sum(shard_bytes(p, world, master) for p in params)
+    steps = len(params) * BLOCK        # AdamW's `step`: one device scalar per parameter (fused AdamW)
     block = list(model.model.layers[0].parameters())
-    in_block = {id(p) for p in block}
-    root = [p for p in model.parameters() if id(p) not in in_block]
-    layers = cfg.num_layers
-
-    def total(params, per) -> int:
-        return sum(per(p) for p in params)
-
-    p_bytes = total(root, lambda p: shard_bytes(p, world, master)) + layers * total(block, lambda p: shard_bytes(p, world, master))
-    steps = (len(root) + layers * len(block)) * BLOCK  # AdamW's `step`: one device scalar per parameter (fused AdamW)
+    in_blocks = {id(p) for layer in model.model.layers for p in layer.parameters()}
+    root = [p for p in params if id(p) not in in_blocks]
     return {
         "param": p_bytes, "optim": 2 * p_bytes + steps,
-        "root": total(root, lambda p: _padded_numel(p, world) * comp),
-        "block": total(block, lambda p: _padded_numel(p, world) * comp),
-        "block_fp32": total(block, lambda p: _padded_numel(p, world) * 4),
-        "root_fp32": total(root, lambda p: _padded_numel(p, world) * 4),
+        "root": sum(_padded_numel(p, world) * comp for p in root),
+        "block": sum(_padded_numel(p, world) * comp for p in block),
+        "block_fp32": sum(_padded_numel(p, world) * 4 for p in block),
+        "root_fp32": sum(_padded_numel(p, world) * 4 for p in root),
     }
 
 
