@@ -15,6 +15,11 @@ function of the batch (the sequence of allocations is the same), so every batch 
 replay, with the allocator's 512-byte rounding applied at the batch asked for. Timelines are cached
 per (arch, shape, implementation, sequence, precision, checkpointing) for the whole process.
 
+The per-rank FSDP2 estimate (`Shape.world` > 0, `compose_sharded`) goes the same way: one rank's
+forward and backward in the compute dtype, each gradient dropped as it is made and the rank's shard
+of it held from then on (TimelineTracker.hold), traced with three blocks at batch 1 and 2 and
+composed; fsdp_estimate adds the shards, optimizer state and unsharded parameters in flight.
+
 Generic over the model: the blocks are the model's longest `nn.ModuleList`; nothing here knows which
 BitLinear implementation or architecture it runs. `full_trace` (the whole step on fake tensors) is the
 reference that tests compare this against.
