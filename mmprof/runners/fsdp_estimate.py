@@ -165,7 +165,7 @@ def estimate_sharded(cfg, spec) -> dict:
     peak = max(fwd_bwd, optimizer)
     where = "optimizer step" if optimizer >= fwd_bwd else {
         "forward": "end of forward", "blocks": "backward through the blocks", "tail": "end of backward"}[fb["stage"]]
-    return {
+    row = {
         "peak_alloc_gib": peak / GIB, "act_mem_gib": (peak - p - o) / GIB,
         "param_gib": p / GIB, "grad_gib": p / GIB, "optim_gib": o / GIB,
         "tracker_act_gib": act / GIB, "tracker_temp_gib": temp / GIB,
@@ -173,3 +173,20 @@ def estimate_sharded(cfg, spec) -> dict:
                  f"unsharded parameters/gradients in flight {unsharded / GIB:.2f} GiB, "
                  f"{frac * 100:.0f}% of the gradient shards made by the forward/backward peak"),
     }
+    if spec.breakdown:
+        row["_breakdown"] = sharded_breakdown(peak, p, o, fb, unsharded, optimizer >= fwd_bwd,
+                                              cfg.batch * spec.seq, shape.num_layers)
+    return row
+
+
+def sharded_breakdown(peak: int, p: int, o: int, fb: dict, unsharded: int, at_optimizer: bool, tokens: int,
+                      layers: int) -> dict[str, tuple[int, float]]:
+    """What one rank holds at its peak: part -> (bytes, bytes per token per layer), adding up to `peak`."""
+    if at_optimizer:
+        parts = {"parameter shards": p, "optimizer state": o, "gradient shards": p}
+    else:
+        shards = round(fb["frac"] * p)
+        parts = {"parameter shards": p, "optimizer state": o, "gradient shards": shards,
+                 "unsharded parameters/gradients in flight": unsharded, "activations": fb["act"]}
+        parts["temporaries and full-size gradients"] = peak - sum(parts.values())
+    return {k: (v, v / tokens / layers) for k, v in parts.items()}

@@ -108,3 +108,20 @@ def test_fast_sharded_estimate_is_linear_in_batch_and_grows_with_depth():
 
     assert row(8, 4)["act_mem_gib"] > row(8, 2)["act_mem_gib"] > row(8, 1)["act_mem_gib"]
     assert row(12, 2)["act_mem_gib"] > row(6, 2)["act_mem_gib"]
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 8), (6, 64)])
+def test_sharded_breakdown_adds_up_to_the_per_rank_peak(batch, seq):
+    """--breakdown of a per-rank estimate: parts none negative, adding up to the peak, whether it falls
+    at the end of backward (short sequences), in the backward through the blocks (mmfree) or at the
+    end of forward (Transformer++, longer ones)."""
+    overrides = (("layers", 4), ("hidden", 64), ("intermediate", 192), ("heads", 4), ("vocab", 256))
+    spec = tm.TrainMemorySpec(size="tiny", seq=seq, device="meta", shard="fsdp", world_size=4,
+                              overrides=overrides, breakdown=True)
+    for cfg in (tm.Config("mmfree", "fused", batch), tm.Config("transformer", "", batch)):
+        row = tm.estimate(cfg, spec)
+        parts = row["_breakdown"]
+        assert all(b >= 0 for b, _ in parts.values()), parts
+        assert sum(b for b, _ in parts.values()) == round(row["peak_alloc_gib"] * GIB)
+        assert parts["parameter shards"][0] == round(row["param_gib"] * GIB)
+        assert parts["gradient shards"][0] <= parts["parameter shards"][0]
