@@ -55,6 +55,7 @@ class TimelineTracker(MemoryTracker):
         self._recs: list[_Storage] = []
         self._index: dict[int, int] = {}          # id(_Storage) -> index
         self._step_start = 0
+        self._held: list[_Storage] = []           # what `hold` counts, alive to the end
 
     # ----- labels -----
     def set_tag(self, tag: int) -> None:
@@ -87,6 +88,16 @@ class TimelineTracker(MemoryTracker):
         """On meta, every device: on meta, an optimizer's host-side step counters stand for the device tensors
         a GPU's fused optimizer keeps (a fake-tensor trace on 'cpu' counts them too)."""
         return self.device is None or self.device.type == "meta" or super()._counts(t)
+
+    def hold(self, nbytes: int, category: str, kind: str) -> None:
+        """Count `nbytes` from now to the end as a storage of `category` and `kind` that the traced
+        program does not allocate but the program it models holds (FSDP2's gradient shards)."""
+        with self._critical():
+            rec = _Storage(self._round(nbytes), category, born=0)
+            rec.kind, rec.owner = kind, ROOT
+            self._held.append(rec)
+            self._grow(rec)
+            self._register(rec, nbytes)
 
     # ----- bookkeeping hooks -----
     def _on_op(self, func, args, kwargs, out) -> None:
@@ -122,10 +133,10 @@ class TimelineTracker(MemoryTracker):
         rec = self._live[st._cdata]
         rec.kind = self.kind
         rec.owner = self._owner_of_storage.get(st._cdata, ROOT)
-        self._register(rec, st)
+        self._register(rec, st.nbytes())
 
-    def _register(self, rec: _Storage, st) -> None:
-        rec.raw = int(st.nbytes())
+    def _register(self, rec: _Storage, raw: int) -> None:
+        rec.raw = int(raw)
         self._index[id(rec)] = len(self._recs)
         self._recs.append(rec)
         self._events.append((len(self._recs) - 1, 1, self._effective_tag(rec)))
@@ -135,7 +146,7 @@ class TimelineTracker(MemoryTracker):
         new.kind, new.owner = old.kind, getattr(old, "owner", ROOT)
         self._live[st._cdata] = new
         self._grow(new)
-        self._register(new, st)
+        self._register(new, st.nbytes())
         self._shrink(old)
         new.ref = weakref.ref(st, partial(self._on_death, st._cdata, new))
 

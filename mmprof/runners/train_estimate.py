@@ -15,6 +15,11 @@ function of the batch (the sequence of allocations is the same), so every batch 
 replay, with the allocator's 512-byte rounding applied at the batch asked for. Timelines are cached
 per (arch, shape, implementation, sequence, precision, checkpointing) for the whole process.
 
+The per-rank FSDP2 estimate (`Shape.world` > 0, `compose_sharded`) goes the same way: one rank's
+forward and backward in the compute dtype, each gradient dropped as it is made and the rank's shard
+of it held from then on (TimelineTracker.hold), traced with three blocks at batch 1 and 2 and
+composed; fsdp_estimate adds the shards, optimizer state and unsharded parameters in flight.
+
 Generic over the model: the blocks are the model's longest `nn.ModuleList`; nothing here knows which
 BitLinear implementation or architecture it runs. `full_trace` (the whole step on fake tensors) is the
 reference that tests compare this against.
@@ -41,6 +46,7 @@ from mmprof.workloads.presets import ModelConfig
 
 BLOCK_BYTES = 512
 TRACED_BLOCKS = 3   # block 0, block 1 (repeated: a block between two blocks), the last block
+SHARD_BLOCK, SHARD_ROOT = "fsdp shard (block)", "fsdp shard (root)"   # kinds of an FSDP2 rank's gradient shards
 _CACHE: dict[tuple, tuple[Timeline, Timeline]] = {}
 
 
@@ -52,6 +58,7 @@ class Shape:
     seq: int
     precision: str
     checkpointing: str
+    world: int = 0       # > 0: one rank's forward and backward of a `world`-process FSDP2 job (compose_sharded)
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
@@ -143,10 +150,13 @@ def trace(shape: Shape, batch: int, blocks: int) -> Timeline:
 
 def _trace_on(shape: Shape, batch: int, blocks: int, device: str) -> Timeline:
     cfg = shape.config.replace(num_layers=blocks)
+    precision = _compute_precision(shape.precision) if shape.world else shape.precision
     trainer = make_trainer(TrainSpec(arch=shape.arch, size="custom", bitlinear=shape.bitlinear, batch=batch,
-                                     seq=shape.seq, precision=shape.precision, config=cfg), device)
+                                     seq=shape.seq, precision=precision, config=cfg), device)
     model, opt = trainer.model, trainer.optimizer
     apply_checkpointing(model, shape.checkpointing)
+    if shape.world:
+        return _trace_sharded(trainer, shape)
     for p in model.parameters():                  # the optimizer's state, as a first step leaves it
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -155,6 +165,43 @@ def _trace_on(shape: Shape, batch: int, blocks: int, device: str) -> Timeline:
     tracker = TimelineTracker(model, opt, owners=owners, kind_of=kind_finder(model))
     with _labels(model, tracker), tracker:
         trainer.step()
+    return tracker.timeline()
+
+
+def _compute_precision(precision: str) -> str:
+    """The precision an FSDP2 rank computes in (fsdp_estimate.compute_dtype's)."""
+    from mmprof.runners.fsdp_estimate import compute_dtype
+
+    return "fp32" if compute_dtype(precision) == torch.float32 else "bf16"
+
+
+def _trace_sharded(trainer, shape: Shape) -> Timeline:
+    """One FSDP2 rank's forward and backward (no optimizer: its step is fsdp_estimate's arithmetic):
+    each gradient dropped the moment it is made, as FSDP2 reduce-scatters it, and the rank's shard of
+    it held from then on (kind SHARD_BLOCK or SHARD_ROOT, category grads)."""
+    from mmprof.runners.fsdp_estimate import shard_bytes
+    from mmprof.workloads.precision import param_dtype
+
+    model = trainer.model
+    master = torch.empty((), dtype=param_dtype(shape.precision)).element_size()
+    in_blocks = {id(p) for block in blocks_of(model) for p in block.parameters()}
+    # no owners: with no optimizer step nothing outside the blocks' runs is per block, and a dropped
+    # gradient's storage address, reused by a later tensor, must not label that tensor's events
+    tracker = TimelineTracker(model, kind_of=kind_finder(model))
+
+    def on_grad(p: torch.Tensor) -> None:     # the shard is made before the full gradient goes
+        tracker.hold(shard_bytes(p, shape.world, master), "grads",
+                     SHARD_BLOCK if id(p) in in_blocks else SHARD_ROOT)
+        p.grad = None
+
+    with _labels(model, tracker), tracker:
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in model.parameters() if p.requires_grad]
+        try:
+            ids = trainer.next_batch()
+            model(ids, labels=ids).loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
     return tracker.timeline()
 
 
@@ -242,20 +289,47 @@ def _check_alike(a: Timeline, b: Timeline) -> None:
         raise RuntimeError("the traced step differs between batch 1 and 2; use --estimate full")
 
 
+def _composed(shape: Shape, batch: int) -> tuple[Timeline, np.ndarray, np.ndarray, np.ndarray]:
+    """The batch-1 timeline, every storage's bytes at `batch`, and the composed event indices before
+    the step and of the step at the shape's depth."""
+    one, two, blocks = timelines(shape)
+    _check_alike(one, two)
+    raw = one.raw_bytes + (batch - 1) * (two.raw_bytes - one.raw_bytes)
+    times = shape.config.num_layers - blocks + 1
+    middle = 1 if blocks == TRACED_BLOCKS else ROOT - 1     # fewer layers than that: traced in full
+    entry = _compose(one, 0, one.step_start, middle, times)
+    step = _compose(one, one.step_start, len(one.tag), middle, times)
+    return one, rounded(raw), entry, step
+
+
 def compose(shape: Shape, batch: int) -> dict:
     """Peak of one training step at `batch` and the shape's depth, from the cached three-block timelines.
 
     Returns bytes: peak, before (alive when the step starts), at_peak by category, max by category,
     end by category, and activations at the peak by module kind."""
-    one, two, blocks = timelines(shape)
-    _check_alike(one, two)
-    raw = one.raw_bytes + (batch - 1) * (two.raw_bytes - one.raw_bytes)
-    sizes = rounded(raw)
-    times = shape.config.num_layers - blocks + 1
-    middle = 1 if blocks == TRACED_BLOCKS else ROOT - 1     # fewer layers than that: traced in full
-    entry = _compose(one, 0, one.step_start, middle, times)
-    step = _compose(one, one.step_start, len(one.tag), middle, times)
-    return replay(one, sizes, entry, step)
+    return replay(*_composed(shape, batch))
+
+
+def compose_sharded(shape: Shape, batch: int) -> dict:
+    """One FSDP2 rank's highest A + f*G over forward and backward (fsdp_estimate.fwd_bwd_peak's
+    result, composed from three-block timelines): `value` bytes beyond what exists before the step,
+    activations (`act`) and temporaries plus full-size gradients (`temp`) at that moment, the
+    fraction `frac` of gradient shards made by then, and the `stage` it falls in (forward, blocks:
+    backward still has blocks to go, tail)."""
+    tl, sizes, _, step = _composed(shape, batch)
+    st = tl.storage[step]
+    delta = sizes[st] * tl.sign[step]
+    cum = np.concatenate(([0], np.cumsum(delta)))
+    at = int(np.argmax(cum))              # events [0, at) are in
+    kinds = np.array(tl.kind, dtype=object)[st]
+    shard = (kinds == SHARD_BLOCK) | (kinds == SHARD_ROOT)
+    done, total = int(delta[:at][shard[:at]].sum()), int(delta[shard].sum())
+    cats = np.bincount(tl.category[st[:at]], weights=delta[:at], minlength=len(CATEGORIES))
+    blocks_left = int((kinds[at:] == SHARD_BLOCK).sum())
+    stage = "forward" if not done else ("blocks" if blocks_left else "tail")
+    return {"value": int(cum[at]), "act": int(cats[CATEGORIES.index("activations")]),
+            "temp": int(cats[CATEGORIES.index("temporaries")] + cats[CATEGORIES.index("grads")]) - done,
+            "frac": done / total if total else 0.0, "stage": stage}
 
 
 def rounded(raw: np.ndarray) -> np.ndarray:

@@ -48,10 +48,14 @@ def test_sharded_estimate_at_13b_on_meta(tmp_path, arch, impl):
 
 
 def test_sharded_state_matches_the_model_parameters():
+    """sharded_state counts one block's shards once per layer: the whole model's, exactly."""
     spec = tm.TrainMemorySpec(size="tiny", seq=16, device="meta", shard="fsdp", world_size=3)
+    for arch in ("mmfree", "transformer"):
+        st = sharded_state(arch, "tiny", "fused", "bf16-autocast", 3)
+        params = list(build_model(arch, "tiny", device="meta").parameters())
+        assert st["param"] == sum(shard_bytes(p, 3, 4) for p in params)
+        assert st["optim"] == 2 * st["param"] + len(params) * 512
     st = sharded_state("mmfree", "tiny", "fused", "bf16-autocast", 3)
-    params = list(build_model("mmfree", "tiny", device="meta").parameters())
-    assert st["param"] == sum(shard_bytes(p, 3, 4) for p in params)
     row = tm.estimate(tm.Config("mmfree", "fused", 2), spec)
     assert round(row["param_gib"] * GIB) == st["param"] and round(row["optim_gib"] * GIB) == st["optim"]
 
@@ -64,3 +68,60 @@ def test_checkpointing_lowers_the_estimated_activations(tmp_path):
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out / "measurements.csv").set_index("checkpointing")
     assert df.loc["layer", "act_mem_gib"] < df.loc["none", "act_mem_gib"]
+
+
+SHARDED_CASES = [  # (arch, impl, layers, hidden, seq, batch, world, checkpointing)
+    ("mmfree", "fused", 6, 64, 32, 1, 2, "none"),
+    ("mmfree", "fused", 7, 96, 48, 3, 8, "none"),
+    ("mmfree", "ref-fused", 5, 64, 32, 2, 4, "layer"),
+    ("mmfree", "vanilla", 2, 64, 16, 4, 3, "none"),      # fewer blocks than the fast path traces
+    ("transformer", "", 6, 64, 32, 3, 2, "none"),
+    ("transformer", "", 5, 128, 64, 2, 8, "layer"),
+    ("transformer", "", 9, 64, 16, 5, 4, "none"),
+]
+
+
+@pytest.mark.parametrize("arch,impl,layers,hidden,seq,batch,world,ckpt", SHARDED_CASES,
+                         ids=[f"{a}-{i or 'tpp'}-L{n}-d{h}-s{s}-b{b}-N{w}-{c}" for a, i, n, h, s, b, w, c in SHARDED_CASES])
+def test_fast_sharded_estimate_within_half_a_percent_of_full_trace(arch, impl, layers, hidden, seq, batch, world, ckpt):
+    """The per-rank FSDP2 estimate composed from three traced blocks (the default) against the whole
+    forward and backward traced (--estimate full), at several shapes, batches, world sizes and
+    checkpointing settings."""
+    overrides = (("layers", layers), ("hidden", hidden), ("intermediate", 3 * hidden), ("heads", 4), ("vocab", 256))
+    spec = tm.TrainMemorySpec(size="tiny", seq=seq, device="meta", shard="fsdp", world_size=world,
+                              checkpointings=(ckpt,), overrides=overrides)
+    cfg = tm.Config(arch, impl, batch, ckpt)
+    fast, full = tm.estimate(cfg, spec), tm.full_trace(cfg, spec)
+    for col in ("peak_alloc_gib", "act_mem_gib", "param_gib", "optim_gib"):
+        assert fast[col] == pytest.approx(full[col], rel=5e-3), col
+    assert fast["note"].split(";")[1] == full["note"].split(";")[1]        # the peak's stage
+
+
+def test_fast_sharded_estimate_is_linear_in_batch_and_grows_with_depth():
+    """Batch and depth the fast path composes, not traces: the forward/backward term beyond the shards
+    grows with both."""
+    def row(layers, batch, world=4):
+        overrides = (("layers", layers), ("hidden", 64), ("intermediate", 192), ("heads", 4), ("vocab", 256))
+        spec = tm.TrainMemorySpec(size="tiny", seq=32, device="meta", shard="fsdp", world_size=world,
+                                  overrides=overrides)
+        return tm.estimate(tm.Config("mmfree", "fused", batch), spec)
+
+    assert row(8, 4)["act_mem_gib"] > row(8, 2)["act_mem_gib"] > row(8, 1)["act_mem_gib"]
+    assert row(12, 2)["act_mem_gib"] > row(6, 2)["act_mem_gib"]
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 8), (6, 64)])
+def test_sharded_breakdown_adds_up_to_the_per_rank_peak(batch, seq):
+    """--breakdown of a per-rank estimate: parts none negative, adding up to the peak, whether it falls
+    at the end of backward (short sequences), in the backward through the blocks (mmfree) or at the
+    end of forward (Transformer++, longer ones)."""
+    overrides = (("layers", 4), ("hidden", 64), ("intermediate", 192), ("heads", 4), ("vocab", 256))
+    spec = tm.TrainMemorySpec(size="tiny", seq=seq, device="meta", shard="fsdp", world_size=4,
+                              overrides=overrides, breakdown=True)
+    for cfg in (tm.Config("mmfree", "fused", batch), tm.Config("transformer", "", batch)):
+        row = tm.estimate(cfg, spec)
+        parts = row["_breakdown"]
+        assert all(b >= 0 for b, _ in parts.values()), parts
+        assert sum(b for b, _ in parts.values()) == round(row["peak_alloc_gib"] * GIB)
+        assert parts["parameter shards"][0] == round(row["param_gib"] * GIB)
+        assert parts["gradient shards"][0] <= parts["parameter shards"][0]
