@@ -40,31 +40,12 @@ from mmprof.workloads.build import resolve_config
 from mmprof.workloads.checkpointing import apply_checkpointing
 from mmprof.workloads.precision import param_dtype
 
-BLOCK = 512
-
-
-def allocator_bytes(nbytes: int) -> int:
-    """nbytes rounded up to the CUDA caching allocator's 512-byte blocks."""
-    return -(-nbytes // BLOCK) * BLOCK
-
-
-def shard_bytes(p: torch.Tensor, world: int, itemsize: int) -> int:
-    """Bytes one rank holds of parameter p: ceil(dim0 / N) rows (FSDP2 pads dim 0), in 512-byte blocks."""
-    if p.dim() == 0:
-        return allocator_bytes(itemsize)
-    rows = math.ceil(p.shape[0] / world)
-    return allocator_bytes(rows * (p.numel() // p.shape[0]) * itemsize)
-
+from .fsdp_sizes import BLOCK, compute_dtype, shard_bytes
 
 def _padded_numel(p: torch.Tensor, world: int) -> int:
     if p.dim() == 0:
         return 1
     return math.ceil(p.shape[0] / world) * world * (p.numel() // p.shape[0])
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """What FSDP2 computes in: bf16 unless the run is fp32 throughout."""
-    return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +121,7 @@ def fwd_bwd_peak(arch: str, size: str, bitlinear: str, precision: str, batch: in
 
 def estimate_sharded(cfg, spec) -> dict:
     """The train-memory row of a sharded estimate (cfg: train_memory.Config, spec: TrainMemorySpec)."""
-    from mmprof.runners.train_memory import model_config
+    from mmprof.runners.options import model_config
 
     n = spec.world_size
     shape = model_config(spec)

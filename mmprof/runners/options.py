@@ -208,3 +208,11 @@ def check_resume(run, spec, swept: set[str]) -> None:
             if len(held) == 1 and held != {_text(value)}:
                 raise UserError(f"--resume {run.path}: {_option(field)} {_text(value)} contradicts the run's "
                                 f"rows ({field}={held.pop()}); resume with its options or start a new --out")
+
+
+def model_config(spec):
+    """A train-memory spec's model shape: its size's (or its config.json's) with the --set overrides applied."""
+    from mmprof.workloads import get_config
+    from mmprof.workloads.overrides import apply_overrides
+
+    return apply_overrides(spec.model or get_config(spec.size), spec.overrides)

@@ -169,8 +169,8 @@ def _trace_on(shape: Shape, batch: int, blocks: int, device: str) -> Timeline:
 
 
 def _compute_precision(precision: str) -> str:
-    """The precision an FSDP2 rank computes in (fsdp_estimate.compute_dtype's)."""
-    from mmprof.runners.fsdp_estimate import compute_dtype
+    """The precision an FSDP2 rank computes in (fsdp_sizes.compute_dtype's)."""
+    from mmprof.runners.fsdp_sizes import compute_dtype
 
     return "fp32" if compute_dtype(precision) == torch.float32 else "bf16"
 
@@ -179,7 +179,7 @@ def _trace_sharded(trainer, shape: Shape) -> Timeline:
     """One FSDP2 rank's forward and backward (no optimizer: its step is fsdp_estimate's arithmetic):
     each gradient dropped the moment it is made, as FSDP2 reduce-scatters it, and the rank's shard of
     it held from then on (kind SHARD_BLOCK or SHARD_ROOT, category grads)."""
-    from mmprof.runners.fsdp_estimate import shard_bytes
+    from mmprof.runners.fsdp_sizes import shard_bytes
     from mmprof.workloads.precision import param_dtype
 
     model = trainer.model

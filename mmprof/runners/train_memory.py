@@ -10,9 +10,9 @@ import torch
 
 from mmprof.profiler import GIB, MemoryTracker, Profiler, cuda_index, fake_tensor_mode, row_energy, time_fn
 from mmprof.results.schema import columns
-from mmprof.runners.options import fit_note, train_unfit
+from mmprof.runners.options import fit_note, model_config, train_unfit
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending
-from mmprof.workloads import ModelConfig, TrainSpec, get_config, make_trainer, model_flops_per_token
+from mmprof.workloads import ModelConfig, TrainSpec, make_trainer, model_flops_per_token
 from mmprof.workloads.checkpointing import apply_checkpointing
 
 KEY_COLUMNS = ["arch", "size", "bitlinear", "batch", "seq", "precision", "checkpointing", "device", "shard",
@@ -85,13 +85,6 @@ def configs(spec: TrainMemorySpec) -> list[Config]:
             for ckpt in spec.checkpointings:
                 out += [Config(arch, impl, b, ckpt) for b in spec.batches]
     return out
-
-
-def model_config(spec: TrainMemorySpec):
-    """The size's shape with the --set overrides applied."""
-    from mmprof.workloads.overrides import apply_overrides
-
-    return apply_overrides(spec.model or get_config(spec.size), spec.overrides)
 
 
 def _train_spec(cfg: Config, spec: TrainMemorySpec) -> TrainSpec:

@@ -25,7 +25,7 @@ from mmprof.errors import UserError
 from mmprof.profiler import GIB, Profiler, Timer, TimingStats
 from mmprof.runners import train_memory as tm
 from mmprof.runners.distributed import Job, Outcome
-from mmprof.runners.fsdp_estimate import allocator_bytes
+from mmprof.runners.fsdp_sizes import allocator_bytes
 from mmprof.runners.job_summary import summarize
 from mmprof.runners.sweep import gpu_peak_tflops, guarded, pending, release_memory
 from mmprof.workloads import TrainSpec, build_model, get_config, init_weights, model_flops_per_token
