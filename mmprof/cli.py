@@ -475,13 +475,16 @@ def reproduce(quick, device, gpus, preset, out, resume, only, plan_only) -> None
         spec = rp.ReproduceSpec(device=dev, quick=quick, preset=preset)
     spec = dataclasses.replace(spec, only=tuple(o.strip() for o in only.split(",") if o.strip()))
     rp.check(spec)
-    steps = rp.plan(spec)
+    steps = rp.plan(spec, folder if resume else None)
     total = rp.plan_total_s(steps)
     est = f"estimated {total / 60:.1f} min on one H200" if total is not None else "no H200 estimate for this preset"
     if plan_only:
         click.echo(render(steps, "table", title=f"reproduce plan: {len(steps)} configurations, {est}"), nl=False)
         return
-    click.echo(f"reproduce: {len(steps)} configurations this call, {est}", err=True)
+    if len(steps):
+        rp.check_gpu(spec, folder, len(steps))
+    click.echo(f"reproduce: {len(steps)} configurations this call, {est}" if len(steps) else
+               "reproduce: every configuration is measured; judging the claims and writing the report again", err=True)
 
     def open_writer(command, path, exists):
         return _open_writer(command, None if exists else str(path), str(path) if exists else None, spec.device)

@@ -63,12 +63,15 @@ def draw_figures(r: ReportInput) -> list[Figure]:
 
 
 def provenance(meta: dict) -> list[tuple[str, str]]:
+    commits = meta.get("commits") or [meta.get("git_commit") or "unknown"]
+    commands = [" ".join(c.get("argv", [])) for c in meta.get("calls", [])] or [" ".join(meta.get("argv", []))]
+    system = meta.get("system") if isinstance(meta.get("system"), dict) else {}
     return [("GPU", meta.get("gpu") or "none (no GPU visible)"), ("driver", meta.get("driver") or ""),
-            ("mmprof commit", meta.get("git_commit") or "unknown"), ("mmprof version", meta.get("mmprof_version", "")),
-            ("torch", (meta.get("system") or {}).get("torch", "") if isinstance(meta.get("system"), dict) else ""),
+            ("mmprof commits (every call that wrote the folder)", ", ".join(commits)),
+            ("mmprof version", meta.get("mmprof_version", "")), ("torch", system.get("torch", "")),
             ("run", meta.get("mode", "")), ("device", meta.get("device", "")),
             ("started (UTC)", meta.get("start_utc", "")), ("finished (UTC)", meta.get("end_utc") or "not finished"),
-            ("command", " ".join(meta.get("argv", [])))]
+            ("commands (in order)", "; ".join(commands))]
 
 
 def write_summary(r: ReportInput, figs: list[Figure]) -> Path | None:

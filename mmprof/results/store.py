@@ -174,6 +174,7 @@ class RunWriter:
                 run.torn = None
             meta = dict(run.meta)
             meta.setdefault("resumed_utc", []).append(utc_now())
+            meta.setdefault("resumed_commits", []).append(git_commit())
             writer = cls(path=path, command=command, columns=list(run.columns), meta=meta, resumed=run,
                          lock=lock, notices=notices)
             _write_json_atomic(writer.path / META, meta)

@@ -19,7 +19,7 @@ from mmprof.errors import UserError
 from mmprof.results import done_keys, read_run, row_key
 from mmprof.results.claims import claim_rows, load_claims
 from mmprof.results.report_html import ReportInput, write_report
-from mmprof.results.store import utc_now, write_text_atomic
+from mmprof.results.store import git_commit, utc_now, write_text_atomic
 from mmprof.runners import decode_power as dp
 from mmprof.runners import train_memory as tm
 
@@ -162,6 +162,18 @@ def check(spec: ReproduceSpec) -> None:
                         "use a GPU, --device meta for the memory estimate, or --preset tiny")
 
 
+def check_gpu(spec: ReproduceSpec, folder: Path, left: int) -> None:
+    """A folder measured on a GPU, resumed with `left` configurations to measure, needs that GPU here."""
+    import torch
+
+    if not spec.device.startswith("cuda"):
+        return
+    index = int(spec.device.partition(":")[2] or 0)
+    if index >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise UserError(f"{folder} is measured on {spec.device} and {left} configurations are left, but no CUDA "
+                        f"device {index} is visible here (a finished folder is judged again anywhere)")
+
+
 # ---- the plan and its H200 time ----
 # Seconds on one H200, read off committed runs (estimates for planning, never results):
 # training rows from results/h200/train-memory/20261203-final-5013a5f/train-1.3b/phases.csv (each row's
@@ -205,18 +217,24 @@ def _train_row_s(impl: str, batch: int, s: tm.TrainMemorySpec) -> float:
     return row_s - window_s + max(s.steps * step_s, 1.2 * s.min_window_s) + (s.warmup - 1) * step_s
 
 
-def plan(spec: ReproduceSpec) -> pd.DataFrame:
-    """One row per configuration the spec runs: panel, configuration and its estimated H200 seconds
-    (only for the paper preset on a GPU; other presets and devices get no estimate)."""
+def plan(spec: ReproduceSpec, folder: Path | None = None) -> pd.DataFrame:
+    """One row per configuration the spec runs (with `folder`, a reproduce folder being resumed: those
+    it does not hold yet): panel, configuration and its estimated H200 seconds (only for the paper
+    preset on a GPU; other presets and devices get no estimate)."""
     check(spec)
     rows, timed = [], spec.preset == "paper"
+    done_train, done_decode = (_done_in(folder, TRAIN_DIR, tm), _done_in(folder, DECODE_DIR, dp)) if folder else ((), ())
     for step, s, why in (train_specs(spec) if spec.runs("train") else []):
         for cfg in (tm.configs(s) if s else []):
+            if _cfg_key(tm, cfg, s) in done_train:
+                continue
             impl = step.bitlinear or "transformer"
             rows.append({"panel": "train", "configuration": cfg.label,
                          "est_h200_s": round(_train_row_s(impl, cfg.batch, s), 1) if timed else None})
     for step, s, why in decode_specs(spec):
         for cfg in (dp.configs(s) if s and spec.runs("decode", step.arch) else []):
+            if _cfg_key(dp, cfg, s) in done_decode:
+                continue
             rows.append({"panel": "decode", "configuration": cfg.label,
                          "est_h200_s": round(_decode_row_s(cfg.arch, cfg.size, s), 1) if timed else None})
     return pd.DataFrame(rows, columns=["panel", "configuration", "est_h200_s"])
@@ -254,8 +272,11 @@ def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: lis
     jobs = [(tm, train_w, s) for _, s, _ in trains if s is not None and spec.runs("train")]
     jobs += [(dp, decode_w, s) for st, s, _ in decodes if s is not None and spec.runs("decode", st.arch)]
     todo = [(runner, w, s, _skip(runner, w)) for runner, w, s in jobs]
-    total = sum(sum(1 for c in runner.configs(s) if _cfg_key(runner, c, s) not in skip) for runner, _, s, skip in todo)
-    task = bar.add_task("reproduce", total=total) if bar is not None else None
+    left = sum(sum(1 for c in runner.configs(s) if _cfg_key(runner, c, s) not in skip) for runner, _, s, skip in todo)
+    if left:
+        check_gpu(spec, folder, left)
+    todo = [t for t in todo if any(_cfg_key(t[0], c, t[2]) not in t[3] for c in t[0].configs(t[2]))]
+    task = bar.add_task("reproduce", total=left) if bar is not None else None
     for runner, writer, s, skip in todo:
         def emit(row, writer=writer):
             writer.append(row)
@@ -278,6 +299,7 @@ def judge(folder: Path, spec: ReproduceSpec, meta: dict, trains, decodes) -> tup
     train_run = read_run(folder / TRAIN_DIR) if (folder / TRAIN_DIR / "measurements.csv").exists() else None
     decode_run = read_run(folder / DECODE_DIR) if (folder / DECODE_DIR / "measurements.csv").exists() else None
     steps, missing = step_table(spec, trains, decodes, train_run, decode_run)
+    meta = {**meta, "commits": commits(meta, [r.meta for r in (train_run, decode_run) if r is not None])}
     source, settings, claims = load_claims()
     rows = claim_rows(claims, train_run.df if train_run else None, decode_run.df if decode_run else None,
                       measured_on=measured_on(meta), missing=missing)
@@ -304,11 +326,21 @@ def notes(spec: ReproduceSpec) -> list[str]:
     return out
 
 
+def commits(meta: dict, parts=()) -> list[str]:
+    """Every commit that wrote the folder, once each: the first call's, each call's, and its run
+    folders' (`parts`: their meta.json, the creating commit and each resume's)."""
+    seen = [meta.get("git_commit"), *(c.get("git_commit") for c in meta.get("calls", []))]
+    for part in parts:
+        seen += [part.get("git_commit"), *part.get("resumed_commits", [])]
+    return list(dict.fromkeys(c for c in seen if c)) or ["unknown"]
+
+
 def measured_on(meta: dict) -> str:
-    commit = (meta.get("git_commit") or "unknown commit")[:10]
+    shas = [c[:10] for c in meta.get("commits") or commits(meta)]
+    commit = ("commit " if len(shas) == 1 else "commits ") + ", ".join(shas)
     if not meta.get("gpu"):
-        return f"no GPU ({meta.get('device', '')}), commit {commit}"
-    return f"{meta['gpu']}, driver {meta.get('driver') or '?'}, commit {commit}"
+        return f"no GPU ({meta.get('device', '')}), {commit}"
+    return f"{meta['gpu']}, driver {meta.get('driver') or '?'}, {commit}"
 
 
 def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -352,6 +384,11 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
     return pd.DataFrame(rows, columns=["panel", "configuration", "status", "note"]), missing
 
 
+def _done_in(folder: Path, sub: str, runner) -> set:
+    path = Path(folder) / sub
+    return done_keys(read_run(path), runner.KEY_COLUMNS) if (path / "measurements.csv").exists() else set()
+
+
 def _skip(runner, writer) -> set:
     return done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
 
@@ -363,13 +400,17 @@ def _cfg_key(runner, cfg, s) -> tuple:
 # ---- the folder's own meta.json ----
 
 def _start_meta(folder: Path, spec: ReproduceSpec, argv) -> dict:
+    """The folder's meta.json, with this call (its time, command line and commit) added to `calls`."""
     path = folder / META
+    call = {"utc": utc_now(), "argv": list(argv or []), "git_commit": git_commit()}
     if path.exists():
         meta = load_meta(folder)
-        meta.setdefault("resumed_utc", []).append(utc_now())
+        meta.setdefault("resumed_utc", []).append(call["utc"])
+        meta.setdefault("calls", [{"utc": meta.get("start_utc"), "argv": meta.get("argv", []),   # kept since
+                                   "git_commit": meta.get("git_commit")}]).append(call)      # 2026-12-04
         meta["end_utc"] = None
         return meta
-    return {"command": "reproduce", "argv": list(argv or []), "mode": spec.mode, "quick": spec.quick,
+    return {"calls": [call], "command": "reproduce", "argv": list(argv or []), "mode": spec.mode, "quick": spec.quick,
             "preset": spec.preset, "device": spec.device, "start_utc": utc_now(), "end_utc": None,
             "train_steps": [asdict(s) for s in spec.train_steps], "decode_steps": [asdict(s) for s in spec.decode_steps]}
 
@@ -403,4 +444,4 @@ def resumed_spec(folder: Path) -> ReproduceSpec:
                                             for s in meta["decode_steps"]))
 
 
-__all__ = ["DECODE_STEPS", "PRESETS", "ReproduceSpec", "TRAIN_STEPS", "judge", "resumed_spec", "run"]
+__all__ = ["DECODE_STEPS", "PRESETS", "ReproduceSpec", "check_gpu", "TRAIN_STEPS", "judge", "commits", "resumed_spec", "run"]

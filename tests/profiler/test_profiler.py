@@ -167,7 +167,10 @@ def test_cpu_device_without_gpu_still_measures_host():
     t0 = time.monotonic()
     with Profiler(device="cpu", idle_s=2.0) as prof:
         with prof.window("busy") as w:
-            sum(i * i for i in range(200_000))
+            # long enough for the process CPU-time counter (10 ms ticks) to move
+            end = time.process_time() + 0.15
+            while time.process_time() < end:
+                pass
     m = w.measurement
     assert time.monotonic() - t0 < 1.5  # no idle baseline is taken without a GPU
     assert m.energy_j is None and "no GPU selected" in m.unavailable["energy_j"]

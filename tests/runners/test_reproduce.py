@@ -7,6 +7,7 @@ import pytest
 
 from mmprof.results import RunWriter
 from mmprof.results import claims as cl
+from mmprof.results.store import git_commit
 from mmprof.runners import decode_power as dp
 from mmprof.runners import reproduce as rp
 from mmprof.runners import train_memory as tm
@@ -78,7 +79,8 @@ def test_report_from_synthetic_rows(tmp_path):
     # ref-fused is in this build: measured beside fused, and not a claim of the paper
     assert by.loc["train-ref-fused-activations", "verdict"] == cl.NOT_CLAIMED
     assert by.loc["train-ref-fused-activations", "measured_value"] == pytest.approx(1.0)   # same synthetic rows
-    assert (by["measured on"] == "GPU X, driver 1, commit abcdef1234").all()
+    shas = ", ".join(c[:10] for c in dict.fromkeys(c for c in ("abcdef1234", git_commit()) if c))  # the parts': this checkout's
+    assert (by["measured on"] == f"GPU X, driver 1, commit{'s' if ',' in shas else ''} {shas}").all()
     for name in ("report.md", "report.html", "claims.csv", "steps.csv"):
         assert (folder / name).stat().st_size > 0
     assert png_images(folder / "report.html") == 3          # memory/time vs batch, decode vs size, power window
@@ -209,3 +211,25 @@ def test_only_parts_compose_with_resume_into_one_report(tmp_path):
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((out / "meta.json").read_text())
     assert len(meta["resumed_utc"]) == 1 and meta["end_utc"]
+    assert len(meta["calls"]) == 2 and all(c["utc"] and "argv" in c for c in meta["calls"])
+    decoded = pd.read_csv(out / "decode-power" / "measurements.csv")
+    r = invoke("reproduce", "--resume", str(out))        # nothing left: the claims and report again, no GPU needed
+    assert r.exit_code == 0, r.output
+    assert "every configuration is measured" in r.output
+    assert pd.read_csv(out / "decode-power" / "measurements.csv").equals(decoded)
+    calls = json.loads((out / "meta.json").read_text())["calls"]
+    assert len(calls) == 3       # the report's command line is every call's
+    assert f"- commands (in order): {'; '.join(' '.join(c['argv']) for c in calls)}" in (out / "report.md").read_text()
+
+
+def test_a_gpu_folder_resumed_without_its_gpu_is_a_one_line_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "rp"
+    assert invoke("reproduce", "--preset", "tiny", "--device", "cpu", "--quick", "--only", "train",
+                  "--out", str(out)).exit_code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "device": "cuda:0"}))   # as if measured on a GPU
+    assert_one_line_exit_2(invoke("reproduce", "--resume", str(out), "--only", "decode"), "no CUDA device 0 is visible")
+    assert not (out / "decode-power" / "measurements.csv").exists()
