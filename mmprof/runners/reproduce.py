@@ -28,6 +28,7 @@ CLAIMS_CSV = "claims.csv"
 STEPS_CSV = "steps.csv"
 TRAIN_DIR = "train-memory"
 DECODE_DIR = "decode-power"
+PART_COMMAND = {TRAIN_DIR: "train-memory", DECODE_DIR: "decode-power"}   # the command that writes each part
 
 
 @dataclass(frozen=True)
@@ -261,34 +262,41 @@ def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: lis
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = _start_meta(folder, spec, argv)
-    train_w = open_writer("train-memory", folder / TRAIN_DIR, (folder / TRAIN_DIR / "measurements.csv").exists())
-    gpu = train_w.meta.get("gpu")
-    meta.update({k: train_w.meta.get(k) for k in ("gpu", "driver", "git_commit", "mmprof_version", "host", "system")})
+    writers = {}   # run folders this call writes to; a part with nothing left is only read, never touched
+    if (folder / TRAIN_DIR / "measurements.csv").exists():
+        part_meta = read_run(folder / TRAIN_DIR).meta
+    else:
+        writers[TRAIN_DIR] = open_writer("train-memory", folder / TRAIN_DIR, False)
+        part_meta = writers[TRAIN_DIR].meta
+    meta.update({k: part_meta.get(k) for k in ("gpu", "driver", "git_commit", "mmprof_version", "host", "system")})
     _write_meta(folder, meta)
-    trains, decodes = train_specs(spec, gpu), decode_specs(spec)
-    decode_w = None
-    if any(s is not None and spec.runs("decode", st.arch) for st, s, _ in decodes):
-        decode_w = open_writer("decode-power", folder / DECODE_DIR, (folder / DECODE_DIR / "measurements.csv").exists())
-    jobs = [(tm, train_w, s) for _, s, _ in trains if s is not None and spec.runs("train")]
-    jobs += [(dp, decode_w, s) for st, s, _ in decodes if s is not None and spec.runs("decode", st.arch)]
-    todo = [(runner, w, s, _skip(runner, w)) for runner, w, s in jobs]
-    left = sum(sum(1 for c in runner.configs(s) if _cfg_key(runner, c, s) not in skip) for runner, _, s, skip in todo)
+    trains, decodes = train_specs(spec, part_meta.get("gpu")), decode_specs(spec)
+    jobs = [(tm, TRAIN_DIR, s) for _, s, _ in trains if s is not None and spec.runs("train")]
+    jobs += [(dp, DECODE_DIR, s) for st, s, _ in decodes if s is not None and spec.runs("decode", st.arch)]
+    done = {sub: _done_in(folder, sub, runner) for runner, sub, _ in jobs}
+    todo = [(runner, sub, s, [c for c in runner.configs(s) if _cfg_key(runner, c, s) not in done[sub]])
+            for runner, sub, s in jobs]
+    todo = [t for t in todo if t[3]]
+    left = sum(len(t[3]) for t in todo)
     if left:
         check_gpu(spec, folder, left)
-    todo = [t for t in todo if any(_cfg_key(t[0], c, t[2]) not in t[3] for c in t[0].configs(t[2]))]
+    for _, sub, _, _ in todo:
+        if sub not in writers:
+            writers[sub] = open_writer(PART_COMMAND[sub], folder / sub, (folder / sub / "measurements.csv").exists())
     task = bar.add_task("reproduce", total=left) if bar is not None else None
-    for runner, writer, s, skip in todo:
+    for runner, sub, s, _ in todo:
+        writer = writers[sub]
+
         def emit(row, writer=writer):
             writer.append(row)
             if bar is not None:
                 bar.advance(task)
 
         on_start = (lambda cfg: bar.update(task, description=f"reproduce {cfg.label}")) if bar is not None else None
-        runner.run(s, emit, skip=skip, key=lambda r, runner=runner: row_key(r, runner.KEY_COLUMNS),
+        runner.run(s, emit, skip=done[sub], key=lambda r, runner=runner: row_key(r, runner.KEY_COLUMNS),
                    trace_path=writer.trace_path("power_trace.csv"), on_start=on_start)
-    for w in (train_w, decode_w):
-        if w is not None:
-            w.finish()
+    for w in writers.values():
+        w.finish()
     meta["end_utc"] = utc_now()
     _write_meta(folder, meta)
     return judge(folder, spec, meta, trains, decodes)
@@ -387,10 +395,6 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
 def _done_in(folder: Path, sub: str, runner) -> set:
     path = Path(folder) / sub
     return done_keys(read_run(path), runner.KEY_COLUMNS) if (path / "measurements.csv").exists() else set()
-
-
-def _skip(runner, writer) -> set:
-    return done_keys(writer.resumed, runner.KEY_COLUMNS) if writer.resumed is not None else set()
 
 
 def _cfg_key(runner, cfg, s) -> tuple:

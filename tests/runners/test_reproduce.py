@@ -213,8 +213,10 @@ def test_only_parts_compose_with_resume_into_one_report(tmp_path):
     assert len(meta["resumed_utc"]) == 1 and meta["end_utc"]
     assert len(meta["calls"]) == 2 and all(c["utc"] and "argv" in c for c in meta["calls"])
     decoded = pd.read_csv(out / "decode-power" / "measurements.csv")
+    part_metas = [(out / part / "meta.json").read_text() for part in ("train-memory", "decode-power")]
     r = invoke("reproduce", "--resume", str(out))        # nothing left: the claims and report again, no GPU needed
     assert r.exit_code == 0, r.output
+    assert [(out / part / "meta.json").read_text() for part in ("train-memory", "decode-power")] == part_metas
     assert "every configuration is measured" in r.output
     assert pd.read_csv(out / "decode-power" / "measurements.csv").equals(decoded)
     calls = json.loads((out / "meta.json").read_text())["calls"]
