@@ -94,10 +94,9 @@ class TimelineTracker(MemoryTracker):
         program does not allocate but the program it models holds (FSDP2's gradient shards)."""
         with self._critical():
             rec = _Storage(self._round(nbytes), category, born=0)
-            rec.kind, rec.owner = kind, ROOT
             self._held.append(rec)
             self._grow(rec)
-            self._register(rec, nbytes)
+            self._registered(rec, nbytes, kind)
 
     # ----- bookkeeping hooks -----
     def _on_op(self, func, args, kwargs, out) -> None:
@@ -134,6 +133,10 @@ class TimelineTracker(MemoryTracker):
         rec.kind = self.kind
         rec.owner = self._owner_of_storage.get(st._cdata, ROOT)
         self._register(rec, st.nbytes())
+
+    def _registered(self, rec: _Storage, raw: int, kind: str) -> None:
+        rec.kind, rec.owner = kind, ROOT
+        self._register(rec, raw)
 
     def _register(self, rec: _Storage, raw: int) -> None:
         rec.raw = int(raw)

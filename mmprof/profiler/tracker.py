@@ -7,6 +7,12 @@ memory. Storages saved for backward (seen through saved-tensor hooks) are activa
 parameters and buffers, their .grad, and optimizer state are recognised by identity; the rest are
 temporaries. Tensors that existed before entering are counted only if they are model or optimizer
 state. With fake tensors, enter FakeTensorMode first and the tracker inside it.
+
+With `allocator_gaps=True` on a CUDA device (a real step; not with fake tensors): the dispatch mode cannot see what is allocated and freed inside a custom op or a
+compiled region (Triton launches, Inductor buffers): only their outputs. So at every op boundary the
+tracker also reads the CUDA allocator's peak since the last boundary; where it rose above both the
+last boundary's level and the present one, the difference is counted as a temporary born and freed
+there (one event, `kind` "inside an op"), and the tracker's peak reaches the allocator's.
 """
 
 from __future__ import annotations
@@ -58,9 +64,34 @@ class _Spy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        gaps = self.tracker._gaps
+        if gaps is not None:
+            gaps.settle(self.tracker)          # what ran between the last op and this one
         out = func(*args, **kwargs)
         self.tracker._on_op(func, args, kwargs, out)
+        if gaps is not None:
+            gaps.settle(self.tracker)          # what this op freed again before returning
         return out
+
+
+class _AllocatorGaps:
+    """The CUDA allocator's peak between two op boundaries, above what the tracker could see."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.level = None
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.level = torch.cuda.memory_allocated(self.device)
+
+    def settle(self, tracker: MemoryTracker) -> None:
+        stats = torch.cuda.memory_stats(self.device)
+        now, peak = stats.get("allocated_bytes.all.current", 0), stats.get("allocated_bytes.all.peak", 0)
+        if self.level is not None and peak > max(self.level, now):
+            tracker._transient(peak - now)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.level = now
 
 
 class MemoryTracker:
@@ -68,10 +99,13 @@ class MemoryTracker:
 
     device: count only tensors on this device (default: the model's device, else every device).
     granularity_bytes: allocation rounding (512 models the CUDA caching allocator; 1 counts exact bytes).
+    allocator_gaps: on CUDA, also count what the allocator held between op boundaries unseen (module
+    docstring); it resets the device's peak memory statistics at every op, so not inside a timed window.
     """
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 *, device: str | torch.device | None = None, granularity_bytes: int = CUDA_BLOCK_BYTES):
+                 *, device: str | torch.device | None = None, granularity_bytes: int = CUDA_BLOCK_BYTES,
+                 allocator_gaps: bool = False):
         self.model = model
         self.optimizer = optimizer
         if device is None and model is not None:
@@ -94,6 +128,8 @@ class MemoryTracker:
         self._depth = 0  # > 0 while this tracker is updating its books
         self._pending: list[tuple[int, _Storage]] = []  # deaths seen mid-update, applied after it
         self.untracked_tensors = 0  # sparse or nested tensors made while tracking, whose bytes are not counted
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        self._gaps = _AllocatorGaps(self.device) if allocator_gaps and on_cuda else None
 
     def _storage(self, t: torch.Tensor, *, new: bool = False):
         """The storage to count t by; None for sparse or nested t (counted once, where it appears)."""
@@ -149,6 +185,8 @@ class MemoryTracker:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self._mark_optim()))
+        if self._gaps is not None:
+            self._gaps.start()
         hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         mode = _Spy(self)
         for ctx in (hooks, mode):
@@ -255,6 +293,17 @@ class MemoryTracker:
             with self._critical():
                 if st._cdata not in self._live:
                     self._add(st, "temporaries")
+
+    def _transient(self, nbytes: int) -> None:
+        """`nbytes` allocated and freed again where the dispatch mode could not see (a temporary)."""
+        with self._critical():
+            rec = _Storage(nbytes, "temporaries", born=0)
+            self._grow(rec)
+            self._registered(rec, nbytes, "inside an op")
+            self._shrink(rec)
+
+    def _registered(self, rec: _Storage, raw: int, kind: str) -> None:
+        """A storage the tracker made up itself was counted in (the timeline keeps it)."""
 
     def _add(self, st, category: str) -> None:
         key = st._cdata

@@ -223,12 +223,13 @@ def measure(cfg: Config, spec: TrainMemorySpec, prof: Profiler) -> dict:
 
 def _measuring_tracker(trainer, spec: TrainMemorySpec) -> MemoryTracker:
     """The live-tensor tracker of a measured step; with --breakdown one that keeps its timeline."""
+    gaps = spec.device.startswith("cuda")   # a real CUDA step, after its timed window
     if not spec.breakdown:
-        return MemoryTracker(trainer.model, trainer.optimizer)
+        return MemoryTracker(trainer.model, trainer.optimizer, allocator_gaps=gaps)
     from mmprof.profiler.timeline import TimelineTracker
     from mmprof.runners.train_estimate import kind_finder
 
-    return TimelineTracker(trainer.model, trainer.optimizer, kind_of=kind_finder(trainer.model))
+    return TimelineTracker(trainer.model, trainer.optimizer, kind_of=kind_finder(trainer.model), allocator_gaps=gaps)
 
 
 def run(spec: TrainMemorySpec, emit: Callable[[dict], None], *, skip: Iterable[tuple] = (),

@@ -1,5 +1,6 @@
 """The live-tensor tracker on cpu, meta and fake tensors: exact state bytes, categories, peaks."""
 
+import functools
 import random
 from contextlib import nullcontext
 
@@ -172,3 +173,75 @@ def test_sparse_tensors_are_counted_as_untracked_not_as_bytes():
     assert mt.untracked_tensors >= 1
     assert mt.peak_bytes >= kept.numel() * 4
     del sp
+
+
+class _ScriptedAllocator:
+    """The two CUDA allocator statistics the tracker reads, moved by hand: `current`, and `peak` since reset."""
+
+    def __init__(self, monkeypatch):
+        self.current = self.peak = 0
+        monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {
+            "allocated_bytes.all.current": self.current, "allocated_bytes.all.peak": self.peak})
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.current))
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.current)
+
+    def run(self, nbytes_held, nbytes_freed):
+        self.current += nbytes_held + nbytes_freed
+        self.peak = max(self.peak, self.current)
+        self.current -= nbytes_freed
+
+
+def test_allocator_gaps_count_what_rose_unseen_and_not_what_was_freed(monkeypatch):
+    from mmprof.profiler.tracker import _AllocatorGaps
+
+    alloc = _ScriptedAllocator(monkeypatch)
+    alloc.current = 1 << 20                        # held before tracking: not the tracker's
+    mt = MemoryTracker(granularity_bytes=1)
+    gaps = _AllocatorGaps(torch.device("cuda", 0))
+    gaps.start()
+    alloc.run(4096, 0)                             # an op's output, still held: no gap
+    gaps.settle(mt)
+    assert mt.peak_bytes == 0
+    alloc.run(0, 8192)                             # inside an op: 8 KiB made and freed
+    gaps.settle(mt)
+    assert mt.peak_bytes == 8192 and mt.current_bytes() == 0
+    alloc.current -= 4096                          # a free only: the level falls, nothing counted
+    gaps.settle(mt)
+    alloc.run(1024, 2048)                          # 1 KiB kept and 2 KiB freed: the gap is the 2 KiB
+    gaps.settle(mt)
+    assert mt.peak_bytes == 8192 and mt.peak_bytes_by_category["temporaries"] == 8192
+
+
+@functools.cache
+def _hidden_scratch_op():
+    @torch.library.custom_op("mmprof_test::hidden_scratch", mutates_args=())
+    def hidden_scratch(x: torch.Tensor) -> torch.Tensor:
+        scratch = torch.empty(64 << 20, device=x.device, dtype=torch.float32)   # 256 MiB, freed inside
+        scratch.fill_(1.0)
+        return x * scratch[: x.numel()].view_as(x)
+
+    return hidden_scratch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gaps", [False, True])
+def test_a_custom_ops_hidden_temporary_reaches_the_peak_only_with_allocator_gaps(gaps):
+    """A custom op's internal allocations are below the dispatch mode; the allocator gaps see them
+    (the tracker resets the allocator's peak at every op, so the allocator's own figure is taken first)."""
+    op = _hidden_scratch_op()
+    x = torch.randn(1024, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = op(x)
+    seen = torch.cuda.max_memory_allocated() - base
+    del y
+    assert seen >= 256 << 20
+    with MemoryTracker(device="cuda:0", allocator_gaps=gaps) as mt:
+        y = op(x)
+    if gaps:
+        assert mt.peak_bytes == pytest.approx(seen, abs=2 << 20)
+        assert mt.peak_bytes_by_category["temporaries"] >= 256 << 20
+    else:
+        assert mt.peak_bytes < seen - (250 << 20)
+    del y
