@@ -1,13 +1,25 @@
-"""Regenerate the column tables of README.md's "Results schema" from mmprof/results/schema.py."""
+"""Regenerate the schema blocks from mmprof/results/schema.py: in README.md each command's columns in
+CSV order (names only), in docs/schema.md the same columns with their meanings."""
 
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmprof.results import schema  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README, SCHEMA_DOC = ROOT / "README.md", ROOT / "docs" / "schema.md"
+KEYS = [*schema.SPEC_COLUMNS, "provenance"]
+
+
+def described(key: str) -> dict[str, str]:
+    return schema.PROVENANCE_COLUMNS if key == "provenance" else schema.describe(key)
+
+
+def names(columns: dict[str, str]) -> str:
+    return "\n".join(textwrap.wrap(" ".join(f"`{name}`" for name in columns), 100))
 
 
 def table(columns: dict[str, str]) -> str:
@@ -16,18 +28,17 @@ def table(columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def block(key: str) -> str:
-    cols = schema.PROVENANCE_COLUMNS if key == "provenance" else schema.describe(key)
-    return f"<!-- schema:{key} -->\n{table(cols)}\n<!-- /schema:{key} -->"
+def fill(path: Path, render) -> None:
+    text = path.read_text()
+    for key in KEYS:
+        pattern = re.compile(rf"<!-- schema:{re.escape(key)} -->.*?<!-- /schema:{re.escape(key)} -->", re.S)
+        text = pattern.sub(lambda _: f"<!-- schema:{key} -->\n{render(described(key))}\n<!-- /schema:{key} -->", text)
+    path.write_text(text)
 
 
 def main() -> None:
-    text = README.read_text()
-    for key in [*schema.SPEC_COLUMNS, "provenance"]:
-        pattern = re.compile(rf"(SCHEMA:{re.escape(key)}|<!-- schema:{re.escape(key)} -->.*?<!-- /schema:{re.escape(key)} -->)",
-                             re.S)
-        text = pattern.sub(lambda _: block(key), text)
-    README.write_text(text)
+    fill(README, names)
+    fill(SCHEMA_DOC, table)
 
 
 if __name__ == "__main__":
