@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mmprof.kernels._triton_util import autotune_configs, device_guard, select_backend
+from mmprof.kernels._triton_util import device_guard, select_backend
+from mmprof.kernels.mlgru_scan_triton import (CONFIGS, grid, load_row, previous_state, program_channels, reverse_steps,
+                                              scan_forward, scan_tile, tile_offsets)
 from mmprof.kernels.mlgru_scan import affine_scan, forget_gate, mlgru_gates, mlgru_ref, mlgru_step, reverse_scan
 
 __all__ = ["mlgru", "mlgru_ref", "mlgru_step"]  # the twins live in mlgru_scan
@@ -31,53 +33,7 @@ __all__ = ["mlgru", "mlgru_ref", "mlgru_step"]  # the twins live in mlgru_scan
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _compose_affine(a1, b1, a2, b2):
-    # (c -> a1 c + b1) then (c -> a2 c + b2)
-    return a1 * a2, b1 * a2 + b2
-
-
-_CONFIGS = autotune_configs(
-    gpu=[({"BT": bt, "BD": bd}, 4 if bt * bd >= 2048 else 2) for bt in (16, 32, 64) for bd in (32, 64)],
-    interpret={"BT": 8, "BD": 16},
-)
-
-
-@triton.autotune(configs=_CONFIGS, key=["T", "D"])
-@triton.jit
-def _mlgru_fwd_kernel(
-    fp_ptr, ip_ptr, lb_ptr, s0_ptr, h_ptr, sT_ptr,
-    T, D,
-    HAS_STATE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-):  # fmt: skip
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    cols = pid_d * BD + tl.arange(0, BD)
-    col_ok = cols < D
-    rows = tl.arange(0, BT)
-    lb = tl.load(lb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_STATE:
-        carry = tl.load(s0_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BD], dtype=tl.float32)
-    base = pid_b.to(tl.int64) * T * D
-    for t0 in range(0, T, BT):
-        t = t0 + rows
-        mask = (t < T)[:, None] & col_ok[None, :]
-        offs = base + t[:, None] * D + cols[None, :]
-        fp = tl.load(fp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        ip = tl.load(ip_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        f = lb + (1 - lb) * tl.sigmoid(fp)
-        i = ip * tl.sigmoid(ip) * (1 - f)
-        scale, shift = tl.associative_scan((f, i), 0, _compose_affine)
-        c = scale * carry[None, :] + shift
-        tl.store(h_ptr + offs, c.to(h_ptr.dtype.element_ty), mask=mask)
-        last = tl.minimum(T - t0, BT) - 1
-        carry = tl.sum(tl.where(rows[:, None] == last, c, 0.0), axis=0)
-    tl.store(sT_ptr + pid_b * D + cols, carry, mask=col_ok)
-
-
-@triton.autotune(configs=_CONFIGS, key=["T", "D"])
+@triton.autotune(configs=CONFIGS, key=["T", "D"])
 @triton.jit
 def _mlgru_bwd_kernel(
     fp_ptr, ip_ptr, lb_ptr, s0_ptr, h_ptr, dh_ptr, dsT_ptr,
@@ -88,41 +44,24 @@ def _mlgru_bwd_kernel(
     # Reverse recurrence dc_t = dh_t + f_{t+1} dc_{t+1} (dc_T = d final_state, f_T = 1), walked
     # tile by tile from the end; inside a tile the rows are loaded in reverse time order so that
     # the same forward scan runs it.
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    cols = pid_d * BD + tl.arange(0, BD)
-    col_ok = cols < D
-    rows = tl.arange(0, BT)
+    pid_b, cols, col_ok, rows = program_channels(D, BT, BD)
     lb_row = tl.load(lb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     lb = lb_row[None, :]
-    if HAS_STATE:
-        s0 = tl.load(s0_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        s0 = tl.zeros([BD], dtype=tl.float32)
-    if HAS_DFINAL:
-        carry = tl.load(dsT_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BD], dtype=tl.float32)
+    s0 = load_row(s0_ptr, pid_b, cols, col_ok, D, HAS_STATE, BD)
+    carry = load_row(dsT_ptr, pid_b, cols, col_ok, D, HAS_DFINAL, BD)
     dlb = tl.zeros([BD], dtype=tl.float32)
     base = pid_b.to(tl.int64) * T * D
-    n_tiles = (T + BT - 1) // BT
-    for k in range(0, n_tiles):
-        t = (n_tiles - 1 - k) * BT + (BT - 1 - rows)
-        mask = (t < T)[:, None] & col_ok[None, :]
-        offs = base + t[:, None] * D + cols[None, :]
+    for k in range(0, (T + BT - 1) // BT):
+        t = reverse_steps(k, T, rows, BT)
+        mask, offs = tile_offsets(base, t, cols, col_ok, T, D)
         fp = tl.load(fp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         ip = tl.load(ip_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         next_ok = (t + 1 < T)[:, None] & col_ok[None, :]
         fp_next = tl.load(fp_ptr + offs + D, mask=next_ok, other=0.0).to(tl.float32)
         f_next = tl.where(next_ok, lb + (1 - lb) * tl.sigmoid(fp_next), 1.0)
-        prev_ok = (t >= 1)[:, None] & mask
-        c_prev = tl.load(h_ptr + offs - D, mask=prev_ok, other=0.0).to(tl.float32)
-        c_prev = tl.where((t == 0)[:, None], s0[None, :], c_prev)
-
-        scale, shift = tl.associative_scan((f_next, dh), 0, _compose_affine)
-        dc = scale * carry[None, :] + shift
-        carry = tl.sum(tl.where(rows[:, None] == BT - 1, dc, 0.0), axis=0)
+        c_prev = previous_state(h_ptr, offs, t, mask, s0, D)
+        dc, carry = scan_tile(f_next, dh, carry, rows, BT - 1)
 
         sf = tl.sigmoid(fp)
         f = lb + (1 - lb) * sf
@@ -140,20 +79,8 @@ def _mlgru_bwd_kernel(
     tl.store(dlb_ptr + pid_b * D + cols, dlb, mask=col_ok)
 
 
-def _grid(batch, dim):
-    return lambda meta: (triton.cdiv(dim, meta["BD"]), batch)
-
-
 def _fwd_triton(f_pre, i_pre, lower_bound, state):
-    batch, steps, dim = f_pre.shape
-    h = torch.empty_like(f_pre)
-    final = torch.empty(batch, dim, device=f_pre.device, dtype=torch.float32)
-    with device_guard(f_pre):
-        _mlgru_fwd_kernel[_grid(batch, dim)](
-            f_pre, i_pre, lower_bound, state if state is not None else final, h, final,
-            steps, dim, HAS_STATE=state is not None,
-        )  # fmt: skip
-    return h, final
+    return scan_forward(f_pre, i_pre, state, lower_bound=lower_bound)   # the gates computed in its loop
 
 
 def _bwd_triton(f_pre, i_pre, lower_bound, state, h, dh, dfinal):
@@ -163,7 +90,7 @@ def _bwd_triton(f_pre, i_pre, lower_bound, state, h, dh, dfinal):
     dlb_rows = torch.empty(batch, dim, device=f_pre.device, dtype=torch.float32)
     dstate = torch.empty(batch, dim, device=f_pre.device, dtype=torch.float32)
     with device_guard(f_pre):
-        _mlgru_bwd_kernel[_grid(batch, dim)](
+        _mlgru_bwd_kernel[grid(batch, dim)](
             f_pre, i_pre, lower_bound, state if state is not None else dstate, h, dh,
             dfinal if dfinal is not None else dstate,
             df_pre, di_pre, dlb_rows, dstate,
