@@ -13,6 +13,7 @@ so a test can kill a sweep while a row is half on disk.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -68,6 +69,27 @@ def git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the checkout's HEAD (a copy whose .git lags its files: dirty)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def source_sha256(root: Path | None = None) -> str:
+    """A digest of the mmprof package's source (.py and .toml files, by path; `root`: another folder):
+    it names the code that measured where no git history came along or it lags; compare it with this
+    function run at a commit."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _format_cell(value: Any) -> str:
@@ -139,6 +161,8 @@ class RunWriter:
             "argv": list(argv) if argv is not None else list(sys.argv),
             "mmprof_version": __version__,
             "git_commit": git_commit(),
+            "git_dirty": git_dirty(),
+            "source_sha256": source_sha256(),
             "host": socket.gethostname(),
             "python": sys.version.split()[0],
             "start_utc": utc_now(),
@@ -175,6 +199,7 @@ class RunWriter:
             meta = dict(run.meta)
             meta.setdefault("resumed_utc", []).append(utc_now())
             meta.setdefault("resumed_commits", []).append(git_commit())
+            meta.setdefault("resumed_sources_sha256", []).append(source_sha256())
             writer = cls(path=path, command=command, columns=list(run.columns), meta=meta, resumed=run,
                          lock=lock, notices=notices)
             _write_json_atomic(writer.path / META, meta)

@@ -19,7 +19,7 @@ from mmprof.errors import UserError
 from mmprof.results import done_keys, read_run, row_key
 from mmprof.results.claims import claim_rows, load_claims
 from mmprof.results.report_html import ReportInput, write_report
-from mmprof.results.store import git_commit, utc_now, write_text_atomic
+from mmprof.results.store import git_commit, source_sha256, utc_now, write_text_atomic
 from mmprof.runners import decode_power as dp
 from mmprof.runners import train_memory as tm
 
@@ -406,7 +406,7 @@ def _cfg_key(runner, cfg, s) -> tuple:
 def _start_meta(folder: Path, spec: ReproduceSpec, argv) -> dict:
     """The folder's meta.json, with this call (its time, command line and commit) added to `calls`."""
     path = folder / META
-    call = {"utc": utc_now(), "argv": list(argv or []), "git_commit": git_commit()}
+    call = {"utc": utc_now(), "argv": list(argv or []), "git_commit": git_commit(), "source_sha256": source_sha256()}
     if path.exists():
         meta = load_meta(folder)
         meta.setdefault("resumed_utc", []).append(call["utc"])

@@ -130,3 +130,26 @@ def test_sigkill_mid_run_keeps_finished_rows(tmp_path):
     assert list(run.df["batch"]) == list(range(1, len(run.df) + 1))
     assert (run.df["peak_alloc_gib"] == run.df["batch"] * 1.25).all()
     json.loads((run_dir / "meta.json").read_text())
+
+
+def test_meta_names_the_source_that_measured(tmp_path):
+    """meta.json carries a digest of the package source (it names the code where a copy's .git lags
+    its files, as on a remote GPU box) and whether tracked files differ from HEAD."""
+    from mmprof.results.store import source_sha256
+
+    w = RunWriter.create(tmp_path / "run", "train-memory")
+    w.finish()
+    meta = read_run(tmp_path / "run").meta
+    assert meta["source_sha256"] == source_sha256() and len(meta["source_sha256"]) == 64
+    assert meta["git_dirty"] in (True, False, None)
+    copy = tmp_path / "src" / "mmprof"
+    copy.mkdir(parents=True)
+    (copy / "a.py").write_text("x = 1\n")
+    (copy / "notes.txt").write_text("not source")
+    first = source_sha256(copy.parent)
+    (copy / "notes.txt").write_text("changed, still not source")
+    assert source_sha256(copy.parent) == first
+    (copy / "a.py").write_text("x = 2\n")
+    assert source_sha256(copy.parent) != first
+    RunWriter.resume(tmp_path / "run", "train-memory").finish()
+    assert read_run(tmp_path / "run").meta["resumed_sources_sha256"] == [source_sha256()]
