@@ -16,6 +16,7 @@ from typing import Callable
 import pandas as pd
 
 from mmprof.errors import UserError
+from mmprof.profiler import cuda_index
 from mmprof.results import done_keys, read_run, row_key
 from mmprof.results.claims import claim_rows, load_claims
 from mmprof.results.report_html import ReportInput, write_report
@@ -167,9 +168,9 @@ def check_gpu(spec: ReproduceSpec, folder: Path, left: int) -> None:
     """A folder measured on a GPU, resumed with `left` configurations to measure, needs that GPU here."""
     import torch
 
-    if not spec.device.startswith("cuda"):
+    index = cuda_index(spec.device)
+    if index is None:
         return
-    index = int(spec.device.partition(":")[2] or 0)
     if index >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
         raise UserError(f"{folder} is measured on {spec.device} and {left} configurations are left, but no CUDA "
                         f"device {index} is visible here (a finished folder is judged again anywhere)")
@@ -223,21 +224,16 @@ def plan(spec: ReproduceSpec, folder: Path | None = None) -> pd.DataFrame:
     it does not hold yet): panel, configuration and its estimated H200 seconds (only for the paper
     preset on a GPU; other presets and devices get no estimate)."""
     check(spec)
-    rows, timed = [], spec.preset == "paper"
-    done_train, done_decode = (_done_in(folder, TRAIN_DIR, tm), _done_in(folder, DECODE_DIR, dp)) if folder else ((), ())
-    for step, s, why in (train_specs(spec) if spec.runs("train") else []):
-        for cfg in (tm.configs(s) if s else []):
-            if _cfg_key(tm, cfg, s) in done_train:
-                continue
-            impl = step.bitlinear or "transformer"
-            rows.append({"panel": "train", "configuration": cfg.label,
-                         "est_h200_s": round(_train_row_s(impl, cfg.batch, s), 1) if timed else None})
-    for step, s, why in decode_specs(spec):
-        for cfg in (dp.configs(s) if s and spec.runs("decode", step.arch) else []):
-            if _cfg_key(dp, cfg, s) in done_decode:
-                continue
-            rows.append({"panel": "decode", "configuration": cfg.label,
-                         "est_h200_s": round(_decode_row_s(cfg.arch, cfg.size, s), 1) if timed else None})
+    timed, rows = spec.preset == "paper", []
+    todo, _ = _left(spec, folder, train_specs(spec), decode_specs(spec))
+    for runner, sub, s, step, cfgs in todo:
+        for cfg in cfgs:
+            if sub == TRAIN_DIR:
+                est = _train_row_s(step.bitlinear or "transformer", cfg.batch, s)
+            else:
+                est = _decode_row_s(cfg.arch, cfg.size, s)
+            rows.append({"panel": "train" if sub == TRAIN_DIR else "decode", "configuration": cfg.label,
+                         "est_h200_s": round(est, 1) if timed else None})
     return pd.DataFrame(rows, columns=["panel", "configuration", "est_h200_s"])
 
 
@@ -271,20 +267,15 @@ def run(spec: ReproduceSpec, folder: Path, open_writer: OpenWriter, *, argv: lis
     meta.update({k: part_meta.get(k) for k in ("gpu", "driver", "git_commit", "mmprof_version", "host", "system")})
     _write_meta(folder, meta)
     trains, decodes = train_specs(spec, part_meta.get("gpu")), decode_specs(spec)
-    jobs = [(tm, TRAIN_DIR, s) for _, s, _ in trains if s is not None and spec.runs("train")]
-    jobs += [(dp, DECODE_DIR, s) for st, s, _ in decodes if s is not None and spec.runs("decode", st.arch)]
-    done = {sub: _done_in(folder, sub, runner) for runner, sub, _ in jobs}
-    todo = [(runner, sub, s, [c for c in runner.configs(s) if _cfg_key(runner, c, s) not in done[sub]])
-            for runner, sub, s in jobs]
-    todo = [t for t in todo if t[3]]
-    left = sum(len(t[3]) for t in todo)
+    todo, done = _left(spec, folder, trains, decodes)
+    left = sum(len(cfgs) for *_, cfgs in todo)
     if left:
         check_gpu(spec, folder, left)
-    for _, sub, _, _ in todo:
+    for _, sub, _, _, _ in todo:
         if sub not in writers:
             writers[sub] = open_writer(PART_COMMAND[sub], folder / sub, (folder / sub / "measurements.csv").exists())
     task = bar.add_task("reproduce", total=left) if bar is not None else None
-    for runner, sub, s, _ in todo:
+    for runner, sub, s, _, _ in todo:
         writer = writers[sub]
 
         def emit(row, writer=writer):
@@ -390,6 +381,17 @@ def step_table(spec: ReproduceSpec, trains, decodes, train_run, decode_run) -> t
                 rows.append({"panel": panel, "configuration": name, "status": status,
                              "note": "" if status == "ok" else note})   # an ok row's notes are in its CSV
     return pd.DataFrame(rows, columns=["panel", "configuration", "status", "note"]), missing
+
+
+def _left(spec: ReproduceSpec, folder: Path | None, trains, decodes) -> tuple[list, dict[str, set]]:
+    """What this call measures: (runner, part folder, runner spec, step, configurations `folder` does
+    not hold yet) for each step with some left, and the keys each part folder already holds."""
+    jobs = [(tm, TRAIN_DIR, s, step) for step, s, _ in trains if s is not None and spec.runs("train")]
+    jobs += [(dp, DECODE_DIR, s, step) for step, s, _ in decodes if s is not None and spec.runs("decode", step.arch)]
+    done = {sub: _done_in(folder, sub, runner) if folder is not None else set() for runner, sub, _, _ in jobs}
+    todo = [(runner, sub, s, step, [c for c in runner.configs(s) if _cfg_key(runner, c, s) not in done[sub]])
+            for runner, sub, s, step in jobs]
+    return [t for t in todo if t[4]], done
 
 
 def _done_in(folder: Path, sub: str, runner) -> set:
