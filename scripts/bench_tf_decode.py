@@ -57,11 +57,15 @@ def _wide(cfg) -> dict:
             "lm_head": k.GemvBlocks(4, 2048, 4, 1), "attend_block": 256}
 
 
-# variants of the Triton step: product name -> launch shape (and "attend_block": keys per attention step)
+PRODUCTS = ("qkv", "o_proj", "gate_up", "down_proj", "lm_head")
+# variants of the Triton step: product name -> launch shape (and "attend_block": keys per attention
+# step, "pdl": programmatic dependent launch between the step's kernels)
 VARIANTS = {
     "wide": _wide,
     "splitk": _splitk,
     "attend256": lambda cfg: {"attend_block": 256},
+    "pdl": lambda cfg: {"pdl": True},
+    "pdl-rows8": lambda cfg: {"pdl": True, **{name: k.GemvBlocks(8, 512) for name in PRODUCTS}},
     "attend128": lambda cfg: {"attend_block": 128},
 }
 
@@ -294,6 +298,7 @@ def main() -> None:
                 sd = model.static_decoder(1, max_len, backend=backend if backend in ("torch", "compile") else "triton")
                 if blocks:
                     sd.attend_block = blocks.pop("attend_block", sd.attend_block)
+                    sd.pdl = blocks.pop("pdl", sd.pdl)
                     sd.blocks.update(blocks)
                 graph = GraphDecoder(sd)
                 rate, ids = decode_rate(graph, prompt, args.new_tokens, args.repeats)

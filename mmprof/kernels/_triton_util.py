@@ -50,6 +50,15 @@ def autotune_configs(gpu: list[tuple[dict, int]], interpret: dict):
     return [triton.Config(dict(meta), num_warps=warps) for meta, warps in gpu]
 
 
+def pdl_supported(tensor: torch.Tensor) -> bool:
+    """Whether kernels on `tensor`'s device can be launched with programmatic dependent launch
+    (Hopper and later, compiled, a Triton that has `griddepcontrol`): the next launch in the stream
+    may start while this one runs, and waits (`gdc_wait`) before it reads what this one wrote."""
+    if interpreting() or not tensor.is_cuda or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(tensor.device)[0] >= 9
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -11,6 +11,11 @@ the matrix-vector products that read the weights, five launches a layer:
 - `gemv` with `norm` and `glu`: RMSNorm, the fused gate/up product and silu(gate) * up;
 - `gemv` with `norm` alone: the final norm and lm_head.
 
+With `pdl=True` (Hopper on), each kernel is launched with programmatic dependent launch: it may
+start while the launch before it still runs, loads its first block of weights (which no launch
+writes), then waits for that launch to finish before it reads its input, and lets the next launch
+start in turn; a graph of such launches has no gap between them. The arithmetic is the same.
+
 Rounding follows the eager decoder's bf16 graph: each product is accumulated in fp32 and rounded
 to bf16 where the eager decoder holds a bf16 tensor (normed input, q/k/v, rotary terms, gate and
 up, silu(gate)), so the two differ only in summation order (in fp32 nothing is rounded).
@@ -26,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmprof.kernels._triton_util import interpreting
+from mmprof.kernels._triton_util import interpreting, pdl_supported
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,13 @@ def _launch(blocks: GemvBlocks, cols: int) -> tuple[int, int, dict]:
     return blocks.rows, width, opts
 
 
+def _dependent(pdl: bool, like: Tensor) -> dict:
+    """The kernels' PDL argument and launch option: programmatic dependent launch where asked for
+    and supported (`pdl_supported`), else plain stream order."""
+    on = pdl and pdl_supported(like)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 @triton.jit
 def _held(v, like):
     """Round fp32 to the element type of pointer `like` and back (where the eager decoder holds a
@@ -74,26 +86,49 @@ def _rstd(a_ptr, K, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _input(a_ptr, norm_ptr, k, k_ok, rstd, like, NORM: tl.constexpr):
+    """Input columns k of a gemv in fp32: RMS-normed with NORM (held in `like`'s dtype)."""
+    a = tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM:
+        a = _held(a * rstd * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32), like)
+    return a
+
+
+@triton.jit
+def _dependent_start(PDL: tl.constexpr):
+    """With PDL (launched with programmatic dependent launch): wait until the launch before this
+    one has finished and its writes are visible, then let the launch after this one start (it
+    loads its first weights while this one runs, and waits here in turn). Without: nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _gemv_kernel(a_ptr, w_ptr, out_ptr, norm_ptr, K, N, eps,
-                 NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n] = W[n] . a (a RMS-normed first with NORM); GLU: silu(W[n] . a) * (W[N + n] . a);
-    RESIDUAL: out[n] += (in place)."""
+    RESIDUAL: out[n] += (in place). The first column block of the weights (which no launch
+    writes) is loaded before `_dependent_start`, the input after it."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
-    if NORM:
-        rstd = _rstd(a_ptr, K, eps, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    first = row_ok[:, None] & (cols < K)[None, :]
+    w_first = tl.load(w_rows + cols[None, :], mask=first, other=0.0)
     if GLU:
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+        up_first = tl.load(w_rows + N * K + cols[None, :], mask=first, other=0.0)
+    _dependent_start(PDL)
+    rstd = _rstd(a_ptr, K, eps, BLOCK_K) if NORM else 1.0
+    a = _input(a_ptr, norm_ptr, cols, cols < K, rstd, w_ptr, NORM)
+    acc = w_first.to(tl.float32) * a[None, :]
+    if GLU:
+        acc_up = up_first.to(tl.float32) * a[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
         k_ok = k < K
-        a = tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:
-            a = _held(a * rstd * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32), w_ptr)
+        a = _input(a_ptr, norm_ptr, k, k_ok, rstd, w_ptr, NORM)
         ok = row_ok[:, None] & k_ok[None, :]
         acc += tl.load(w_rows + k[None, :], mask=ok, other=0.0).to(tl.float32) * a[None, :]
         if GLU:
@@ -154,10 +189,12 @@ def _gemv_split(a: Tensor, weight: Tensor, out: Tensor, residual: bool, blocks: 
 
 def gemv(a: Tensor, weight: Tensor, out: Tensor | None = None, *, norm: Tensor | None = None,
          eps: float = 1e-6, glu: bool = False, residual: bool = False,
-         blocks: GemvBlocks = GemvBlocks()) -> Tensor:
+         blocks: GemvBlocks = GemvBlocks(), pdl: bool = False) -> Tensor:
     """One row a [K] times weight [N, K] (GLU: [2N, K], gate rows then up rows) -> [N].
 
-    norm: RMSNorm a with this weight first. residual: add into `out` (given) in place."""
+    norm: RMSNorm a with this weight first. residual: add into `out` (given) in place. pdl:
+    launched with programmatic dependent launch (see `_dependent_start`; split-K launches in
+    plain stream order)."""
     rows_out = weight.shape[0] // 2 if glu else weight.shape[0]
     K = weight.shape[1]
     if out is None:
@@ -172,7 +209,7 @@ def gemv(a: Tensor, weight: Tensor, out: Tensor | None = None, *, norm: Tensor |
     grid = (triton.cdiv(rows_out, block_n),)
     _gemv_kernel[grid](a, weight, out, norm if norm is not None else a, K, rows_out, eps,
                        NORM=norm is not None, GLU=glu, RESIDUAL=residual,
-                       BLOCK_N=block_n, BLOCK_K=block_k, **opts)
+                       BLOCK_N=block_n, BLOCK_K=block_k, **opts, **_dependent(pdl, a))
     return out
 
 
@@ -192,9 +229,10 @@ def gemv_ref(a: Tensor, weight: Tensor, out: Tensor | None = None, *, norm: Tens
 
 @triton.jit
 def _qkv_rope_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
-                     K, eps, HEADS, KV_HEADS, head_stride,
+                     K, eps, HEADS, KV_HEADS, head_stride, PDL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (head h of q|k|v, dims j..j+BLOCK_J of each half): rows h*D + j and h*D + D/2 + j."""
+    """Program (head h of q|k|v, dims j..j+BLOCK_J of each half): rows h*D + j and h*D + D/2 + j.
+    The first column block of both halves' weights is loaded before `_dependent_start`."""
     HALF = HEAD_DIM // 2
     per_head = HALF // BLOCK_J
     pid = tl.program_id(0)
@@ -202,17 +240,21 @@ def _qkv_rope_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
     j = (pid % per_head) * BLOCK_J + tl.arange(0, BLOCK_J)
     rows = (head * HEAD_DIM + j).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
+    w_lo = w_ptr + rows[:, None] * K + cols[None, :]
+    first = (cols < K)[None, :]
+    lo_first = tl.load(w_lo, mask=first, other=0.0)
+    hi_first = tl.load(w_lo + HALF * K, mask=first, other=0.0)
+    _dependent_start(PDL)
     rstd = _rstd(x_ptr, K, eps, BLOCK_K)
-    acc_lo = tl.zeros([BLOCK_J, BLOCK_K], tl.float32)
-    acc_hi = tl.zeros([BLOCK_J, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    a = _input(x_ptr, norm_ptr, cols, cols < K, rstd, w_ptr, True)
+    acc_lo = lo_first.to(tl.float32) * a[None, :]
+    acc_hi = hi_first.to(tl.float32) * a[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
         k_ok = k < K
-        a = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        a = _held(a * rstd * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32), w_ptr)
-        w_lo = w_ptr + rows[:, None] * K + k[None, :]
-        acc_lo += tl.load(w_lo, mask=k_ok[None, :], other=0.0).to(tl.float32) * a[None, :]
-        acc_hi += tl.load(w_lo + HALF * K, mask=k_ok[None, :], other=0.0).to(tl.float32) * a[None, :]
+        a = _input(x_ptr, norm_ptr, k, k_ok, rstd, w_ptr, True)
+        acc_lo += tl.load(w_lo + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * a[None, :]
+        acc_hi += tl.load(w_lo + HALF * K + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * a[None, :]
     lo, hi = _held(tl.sum(acc_lo, 1), q_ptr), _held(tl.sum(acc_hi, 1), q_ptr)
     pos = tl.load(pos_ptr)
     cos = tl.load(cos_ptr + pos * HALF + j).to(tl.float32)
@@ -236,7 +278,7 @@ def _qkv_rope_kernel(x_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
 
 def norm_qkv_rope(x: Tensor, norm: Tensor, eps: float, weight: Tensor, cos_half: Tensor, sin_half: Tensor,
                   pos: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int,
-                  blocks: GemvBlocks = GemvBlocks()) -> None:
+                  blocks: GemvBlocks = GemvBlocks(), pdl: bool = False) -> None:
     """x [K] -> q [heads * D] (normed, projected, rotated); k (rotated) and v written into
     k_cache/v_cache [kv_heads, max_len, D] at position pos [1]. weight [(heads + 2 kv_heads) * D, K]
     (q, k, v rows); cos_half/sin_half [max_len, D/2] (the rotary tables' first half)."""
@@ -246,7 +288,7 @@ def norm_qkv_rope(x: Tensor, norm: Tensor, eps: float, weight: Tensor, cos_half:
     grid = ((heads + 2 * kv_heads) * (head_dim // 2 // block_j),)
     _qkv_rope_kernel[grid](x, norm, weight, cos_half, sin_half, pos, q, k_cache, v_cache,
                            weight.shape[1], eps, heads, kv_heads, max_len * head_dim,
-                           HEAD_DIM=head_dim, BLOCK_J=block_j, BLOCK_K=block_k, **opts)
+                           HEAD_DIM=head_dim, BLOCK_J=block_j, BLOCK_K=block_k, **opts, **_dependent(pdl, x))
 
 
 def norm_qkv_rope_ref(x, norm, eps, weight, cos_half, sin_half, pos, q, k_cache, v_cache, heads) -> None:
@@ -265,8 +307,9 @@ def norm_qkv_rope_ref(x, norm, eps, weight, cos_half, sin_half, pos, q, k_cache,
 
 @triton.jit
 def _attend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, head_stride, group, scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     """One query head against keys 0..pos of its kv head (online softmax over blocks of keys)."""
+    _dependent_start(PDL)
     head = tl.program_id(0)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * scale
@@ -292,14 +335,15 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, head_stride, group, scal
 
 
 def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, out: Tensor | None = None,
-           block_t: int = 64) -> Tensor:
-    """q [heads * D] against k_cache/v_cache [kv_heads, max_len, D] at positions 0..pos -> [heads * D]."""
+           block_t: int = 64, pdl: bool = False) -> Tensor:
+    """q [heads * D] against k_cache/v_cache [kv_heads, max_len, D] at positions 0..pos -> [heads * D]
+    (pdl: launched with programmatic dependent launch)."""
     kv_heads, max_len, head_dim = k_cache.shape
     heads = q.numel() // head_dim
     out = torch.empty_like(q) if out is None else out
     opts = {} if interpreting() else {"num_warps": 8 if block_t * head_dim >= 16384 else 4}
     _attend_kernel[(heads,)](q, k_cache, v_cache, out, pos, max_len * head_dim, heads // kv_heads,
-                             head_dim**-0.5, HEAD_DIM=head_dim, BLOCK_T=block_t, **opts)
+                             head_dim**-0.5, HEAD_DIM=head_dim, BLOCK_T=block_t, **opts, **_dependent(pdl, q))
     return out
 
 

@@ -275,6 +275,7 @@ class TransformerStaticDecoder:
             self.glu_out = torch.empty(cfg.intermediate_size, device=device, dtype=dtype)
             self.blocks = _decode_blocks(cfg.hidden_size)
             self.attend_block = 64  # keys per step of the attention kernel's loop
+            self.pdl = False  # programmatic dependent launch between the step's kernels (Hopper on)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Tensor) -> Tensor:
@@ -330,20 +331,23 @@ class TransformerStaticDecoder:
         """The batch-1 step in five Triton launches a layer (see the class docstring)."""
         from mmprof.kernels import bf16_decode as k
 
-        cache, pos, heads, blocks = self.cache, self.pos, self.model.config.num_heads, self.blocks
+        cache, pos, heads, blocks, pdl = self.cache, self.pos, self.model.config.num_heads, self.blocks, self.pdl
         x = self.model.model.embed_tokens(ids.reshape(1))[0]  # [d], the residual row, updated in place
         for n, layer in enumerate(self.model.model.layers):
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             k_cache, v_cache = cache.k[n, 0], cache.v[n, 0]
             k.norm_qkv_rope(x, ln1.weight, ln1.eps, self.qkv[n], self.cos_half, self.sin_half, pos,
-                            self.q, k_cache, v_cache, heads, blocks["qkv"])
-            k.attend(self.q, k_cache, v_cache, pos, self.attn_out, self.attend_block)
-            k.gemv(self.attn_out, layer.self_attn.o_proj.weight, x, residual=True, blocks=blocks["o_proj"])
-            k.gemv(x, self.gate_up[n], self.glu_out, norm=ln2.weight, eps=ln2.eps, glu=True, blocks=blocks["gate_up"])
-            k.gemv(self.glu_out, layer.mlp.down_proj.weight, x, residual=True, blocks=blocks["down_proj"])
-        pos.add_(1)
+                            self.q, k_cache, v_cache, heads, blocks["qkv"], pdl)
+            k.attend(self.q, k_cache, v_cache, pos, self.attn_out, self.attend_block, pdl)
+            k.gemv(self.attn_out, layer.self_attn.o_proj.weight, x, residual=True, blocks=blocks["o_proj"], pdl=pdl)
+            k.gemv(x, self.gate_up[n], self.glu_out, norm=ln2.weight, eps=ln2.eps, glu=True, blocks=blocks["gate_up"],
+                   pdl=pdl)
+            k.gemv(self.glu_out, layer.mlp.down_proj.weight, x, residual=True, blocks=blocks["down_proj"], pdl=pdl)
         final = self.model.model.norm
-        return k.gemv(x, self.model.lm_head.weight, norm=final.weight, eps=final.eps, blocks=blocks["lm_head"])[None]
+        logits = k.gemv(x, self.model.lm_head.weight, norm=final.weight, eps=final.eps, blocks=blocks["lm_head"],
+                        pdl=pdl)
+        pos.add_(1)  # after lm_head, which does not read it: the last down_proj and lm_head launch back to back
+        return logits[None]
 
 
 def _step_backend(backend: str, cfg: ModelConfig, batch: int, device: torch.device) -> str:

@@ -143,3 +143,6 @@ def test_gpu_tuned_launch_shapes_give_the_twins_products(hidden, inter):
             got = k.gemv(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu",
                          residual=mode == "residual", blocks=shape)
             assert rel_rms(got, want) < TOLERANCE[torch.bfloat16], (name, shape)
+            dependent = k.gemv(a, w, None if out is None else out.clone(), norm=norm, glu=mode == "glu",
+                               residual=mode == "residual", blocks=shape, pdl=True)
+            assert torch.equal(dependent, got), (name, shape)  # the same arithmetic, launched dependent

@@ -311,3 +311,30 @@ def test_gpu_compiled_step_in_a_cuda_graph_gives_the_torch_steps_logits(monkeypa
     assert fast.graph is not None
     prompt = ids[:, :5]
     assert torch.equal(greedy_tokens(fast, prompt, 6), greedy_tokens(Decoder(model, 1, 12), prompt, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", ["tiny-gpu", "1.3b"])
+def test_gpu_dependent_launches_give_the_plain_launches_logits_bit_for_bit(size):
+    """The graphed Triton step with programmatic dependent launch (each kernel may start before the
+    one before it ends, and waits before it reads) against plain stream order: the same arithmetic,
+    so the same bits, step after step (a kernel that read its input too early would differ)."""
+    from mmprof.kernels._triton_util import pdl_supported
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if size == "tiny-gpu":
+        model = transformer(2, device="cuda", dtype=torch.bfloat16, **GPU_SHAPE)
+    else:
+        torch.manual_seed(0)
+        model = build_model("transformer", size, device="cuda", dtype=torch.bfloat16).eval()
+    if not pdl_supported(model.lm_head.weight):
+        pytest.skip("programmatic dependent launch needs Hopper or later and a Triton with griddepcontrol")
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), device="cuda")
+    logits = {}
+    for pdl in (False, True):
+        sd = model.static_decoder(1, 48)
+        assert sd.backend == "triton"
+        sd.pdl = pdl
+        logits[pdl] = teacher_forced(GraphDecoder(sd, use_graph=True), ids, 16)
+    assert torch.equal(logits[True], logits[False])
