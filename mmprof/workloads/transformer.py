@@ -34,6 +34,11 @@ def _decode_blocks(hidden_size: int) -> dict:
     return dict(tuned.get(hidden_size, default))
 
 
+# hidden sizes whose Triton step launches its kernels dependent (programmatic dependent launch, where
+# the GPU has it): only where that measured faster on an H200 (results/h200/session13-20261204/bed2c6c/
+# tf.log: 1.3b 704.5 -> 758.3 tokens/s; 2.7b 415.6 -> 394.4 and 13b 130.2 -> 125.3 were slower with it)
+_DEPENDENT_LAUNCH_HIDDEN = frozenset({2048})
+
 # SDPA takes keys/values with fewer heads than the queries (`enable_gqa`) from torch 2.5 on
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -238,7 +243,8 @@ class TransformerStaticDecoder:
     (five launches a layer: norm+qkv+rotary+cache write, attention over positions 0..pos only,
     o_proj into the residual, norm+gate/up+SiLU-GLU, down_proj into the residual); other batches,
     CPU tensors and "torch" run the PyTorch step above. "triton" asks for the kernels (on a CPU
-    only under TRITON_INTERPRET=1). `blocks` (name -> GemvBlocks) sets their launch shapes.
+    only under TRITON_INTERPRET=1). `blocks` (name -> GemvBlocks) sets their launch shapes, `pdl`
+    whether they launch as programmatic dependent launches (on for the presets where it measured faster).
     "compile" runs the PyTorch step through torch.compile (COMPILE_MODE; compiled at the first
     step, which GraphDecoder's warm-up takes before it captures), at any batch.
     """
@@ -275,7 +281,8 @@ class TransformerStaticDecoder:
             self.glu_out = torch.empty(cfg.intermediate_size, device=device, dtype=dtype)
             self.blocks = _decode_blocks(cfg.hidden_size)
             self.attend_block = 64  # keys per step of the attention kernel's loop
-            self.pdl = False  # programmatic dependent launch between the step's kernels (Hopper on)
+            # programmatic dependent launch between the step's kernels (Hopper on; see bf16_decode)
+            self.pdl = cfg.hidden_size in _DEPENDENT_LAUNCH_HIDDEN
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Tensor) -> Tensor:
