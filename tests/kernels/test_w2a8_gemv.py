@@ -19,6 +19,7 @@ needs_interpreter = pytest.mark.skipif(not interpreting(), reason="needs TRITON_
 # (rows M, inputs K, outputs N): K not a multiple of 16 and N not of the block too; K split over
 # several programs, and (K = 20 under the interpreter, K = 512 on a GPU) not split
 CPU_SHAPES = [(1, 64, 8), (3, 40, 5), (8, 100, 19), (2, 20, 6)]
+SPLIT_K_SHAPE = (2, 100, 19)  # under the interpreter, K = 100 is split over two programs
 GPU_SHAPES = [(1, 2048, 2048), (4, 5120, 5120), (1, 13824, 5120), (8, 2560, 6912), (2, 512, 1000)]
 
 
@@ -97,7 +98,7 @@ def test_integer_core_is_bit_exact(shape):
 def check_workspace_left_zeroed(device, options):
     """Split-K launches meet in a shared workspace: each must leave it zeroed for the next, which
     then still gets exact sums."""
-    for shape in ((2, 100, 19), (1, 64, 40)):
+    for shape in (SPLIT_K_SHAPE, (1, 64, 40)):
         check_int_core(shape, device, options)
         check_fused(shape, "mlgru", device, options=options)
         check_fused(shape, "glu", device, options=options)
@@ -156,7 +157,7 @@ def test_fused_kernel_matches_twin(shape, case):
 @needs_interpreter
 @pytest.mark.parametrize("case", ["residual", "mlgru"])
 def test_settled_residual_and_state_read_early(case):
-    check_fused((2, 100, 19), case, "cpu", settled=True)   # K split over two programs
+    check_fused(SPLIT_K_SHAPE, case, "cpu", settled=True)
 
 
 @needs_interpreter
