@@ -9,6 +9,7 @@ comes from the fake-tensor estimate and decoding is not run (latency and energy 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -177,61 +178,75 @@ def check_gpu(spec: ReproduceSpec, folder: Path, left: int) -> None:
 
 
 # ---- the plan and its H200 time ----
-# Seconds on one H200, read off committed runs (estimates for planning, never results):
-# training rows from results/h200/train-memory/20261203-final-5013a5f/train-1.3b/phases.csv (each row's
-# time from the previous row's end to its own, the model build and the fused first-call compile included;
-# batches not run there are scaled by batch from the largest one run); decoding from
-# results/h200/decode-power/20261203-final-5013a5f (latency_p50_ms per size; build times from phases.csv
-# of decode-tf-2.7b / decode-tf-13b; the 13b packed build from the 130 s of decode-1.3b-13b's three rows).
-# (row s, step s, energy window s) at --steps 3 --warmup 1 --min-window-s 2, as committed:
-H200_TRAIN_ROW = {("vanilla", 1): (10.4, 0.502, 1.49), ("vanilla", 4): (5.1, 0.559, 2.82),
-                  ("vanilla", 8): (6.6, 0.958, 2.88), ("vanilla", 16): (9.8, 1.782, 5.35),
-                  ("ref-fused", 1): (6.1, 0.575, 2.31), ("ref-fused", 4): (6.2, 0.662, 2.69),
-                  ("ref-fused", 8): (7.0, 1.039, 3.13), ("ref-fused", 16): (10.7, 1.942, 5.83),
-                  ("fused", 1): (23.0, 0.334, 1.00), ("fused", 4): (3.7, 0.323, 1.93),
-                  ("fused", 8): (4.4, 0.352, 1.05), ("fused", 16): (4.6, 0.554, 2.77),
-                  # Transformer++: step times of results/h200/train-memory/20261128-1.3b-seq2048, row guessed
-                  ("transformer", 8): (12.0, 0.398, 2.0), ("transformer", 16): (9.0, 0.759, 4.0)}
-H200_OOM_ROW_S = 8.0                 # a batch that runs out of memory (vanilla/ref-fused at 32)
+# Seconds on one H200, read off the committed results/h200/reproduce (0a82f75; estimates for planning, never
+# results). Training rows at the runner's defaults (steps, warm-up and window of tm.TrainMemorySpec), each
+# from the previous row's window end to its own (its model build, the previous row's tracked step and, at
+# batch 1, the first call's compiling included; batches not run there are scaled by batch from the largest
+# one run): (row s, step s).
+H200_TRAIN_ROW = {("vanilla", 1): (45.7, 0.324), ("vanilla", 4): (27.9, 0.337), ("vanilla", 8): (28.0, 0.367),
+                  ("vanilla", 16): (24.6, 0.611), ("ref-fused", 1): (13.9, 0.223), ("ref-fused", 4): (19.3, 0.272),
+                  ("ref-fused", 8): (21.3, 0.340), ("ref-fused", 16): (20.4, 0.585),
+                  ("fused", 1): (38.0, 0.249), ("fused", 4): (11.9, 0.303), ("fused", 8): (10.1, 0.292),
+                  ("fused", 16): (9.4, 0.519), ("fused", 32): (11.0, 1.008),
+                  ("transformer", 8): (9.8, 0.397), ("transformer", 16): (12.6, 0.760)}
+H200_OOM_ROW_S = 3.5   # a batch that runs out of memory (vanilla, ref-fused at 32): what the train call's 360 s left
 H200_FITS_BATCH = {"vanilla": 16, "ref-fused": 16, "fused": 32, "transformer": 16}
-H200_DECODE_MS = {("mmfree", "370m"): 0.30, ("mmfree", "1.3b"): 0.39, ("mmfree", "2.7b"): 0.60,
-                  ("mmfree", "13b"): 1.47, ("transformer", "370m"): 0.80, ("transformer", "1.3b"): 1.42,
-                  ("transformer", "2.7b"): 2.47, ("transformer", "13b"): 7.82}   # 370m, mmfree 2.7b: guessed
-H200_DECODE_BUILD_S = {"370m": 6.0, "1.3b": 10.0, "2.7b": 10.0, "13b": 10.0}
-H200_PACKED_13B_BUILD_S = 35.0
-H200_CALL_S = 40.0                   # per device call: pip install -e, imports, the first idle baseline
-LONG_CONTEXT = 1.10                  # 2048-token contexts read more KV cache than the 256-token runs
+# decoding: latency_p50_ms of the 2016-token generations; the build from the previous row's end to the
+# warm-up's start (Transformer++ from its 13b row only), and the Triton compiling of a call's first packed row
+H200_DECODE_MS = {("mmfree", "370m"): 0.341, ("mmfree", "1.3b"): 0.390, ("mmfree", "2.7b"): 0.624,
+                  ("mmfree", "13b"): 1.475, ("transformer", "370m"): 1.560, ("transformer", "1.3b"): 2.001,
+                  ("transformer", "2.7b"): 3.305, ("transformer", "13b"): 9.536}
+H200_DECODE_BUILD_S = {"mmfree": 10.8, "transformer": 5.4}
+H200_PACKED_COMPILE_S = 31.5
+H200_PREFILL_S = 0.1
+H200_QUEUE_STEPS = 1024   # the host runs ahead of the GPU by about a launch queue of steps (fits 820-1360)
+H200_STEP_START_S = 0.3   # a runner call's start before its idle baseline
+H200_CALL_S = 40.0        # per device call: pip install -e, imports, the report
 
 
-def _decode_row_s(arch: str, size: str, s: dp.DecodeSpec) -> float:
-    gen = s.new_tokens * H200_DECODE_MS.get((arch, size), 8.0) * LONG_CONTEXT / 1000 + 0.05
-    window = max(1, -(-s.min_window_s // gen)) * gen
-    build = H200_PACKED_13B_BUILD_S if (arch, size) == ("mmfree", "13b") else H200_DECODE_BUILD_S.get(size, 20.0)
-    return build + (1 + s.repeats) * gen + s.repeats * window + 2 * s.idle_s
+def _decode_row_s(arch: str, size: str, s: dp.DecodeSpec, compiles: bool) -> float:
+    """Build, warm-up, `repeats` timed generations, idle, a prefill, then `repeats` windows: each a
+    lead-in (whole passes, at least dp.LEAD_IN_S) and the passes the host enqueues before its clock
+    passes min_window_s (it runs a launch queue ahead of the GPU), and idle again."""
+    step_s = H200_DECODE_MS.get((arch, size), 10.0) / 1000
+    pass_s = (s.new_tokens - 1) * step_s
+    lead = max(1, math.ceil(dp.LEAD_IN_S / pass_s))
+    window = max(1, math.ceil((s.min_window_s + H200_QUEUE_STEPS * step_s) / pass_s))
+    build = H200_DECODE_BUILD_S.get(arch, 20.0) + (H200_PACKED_COMPILE_S if compiles else 0.0)
+    return (build + (1 + s.repeats) * (H200_PREFILL_S + pass_s) + 2 * s.idle_s + H200_PREFILL_S
+            + s.repeats * (lead + window) * pass_s)
+
+
+def _window_s(step_s: float, s: tm.TrainMemorySpec) -> float:
+    return tm.window_steps(step_s, s.steps, s.min_window_s) * step_s
 
 
 def _train_row_s(impl: str, batch: int, s: tm.TrainMemorySpec) -> float:
-    """The committed row's time with its window and warm-up replaced by this spec's."""
+    """The committed row's time with its warm-up and window replaced by this spec's."""
     if batch > H200_FITS_BATCH.get(impl, 16):
         return H200_OOM_ROW_S
     known = batch if (impl, batch) in H200_TRAIN_ROW else max(b for i, b in H200_TRAIN_ROW if i == impl)
-    row_s, step_s, window_s = (v * batch / known for v in H200_TRAIN_ROW[(impl, known)])
-    return row_s - window_s + max(s.steps * step_s, 1.2 * s.min_window_s) + (s.warmup - 1) * step_s
+    row_s, step_s = (v * batch / known for v in H200_TRAIN_ROW[(impl, known)])
+    at = tm.TrainMemorySpec(size=s.size)
+    return row_s + _window_s(step_s, s) - _window_s(step_s, at) + (s.warmup - at.warmup) * step_s
 
 
 def plan(spec: ReproduceSpec, folder: Path | None = None) -> pd.DataFrame:
     """One row per configuration the spec runs (with `folder`, a reproduce folder being resumed: those
     it does not hold yet): panel, configuration and its estimated H200 seconds (only for the paper
-    preset on a GPU; other presets and devices get no estimate)."""
+    preset on a GPU; other presets and devices get no estimate). A runner call's idle baseline and
+    start go to its first row."""
     check(spec)
-    timed, rows = spec.preset == "paper", []
+    timed, rows, compiled = spec.preset == "paper", [], False
     todo, _ = _left(spec, folder, train_specs(spec), decode_specs(spec))
     for runner, sub, s, step, cfgs in todo:
-        for cfg in cfgs:
+        for k, cfg in enumerate(cfgs):
             if sub == TRAIN_DIR:
                 est = _train_row_s(step.bitlinear or "transformer", cfg.batch, s)
             else:
-                est = _decode_row_s(cfg.arch, cfg.size, s)
+                est = _decode_row_s(cfg.arch, cfg.size, s, compiles=cfg.weights == "packed" and not compiled)
+                compiled |= cfg.weights == "packed"
+            est += (s.idle_s + H200_STEP_START_S) if k == 0 else 0.0
             rows.append({"panel": "train" if sub == TRAIN_DIR else "decode", "configuration": cfg.label,
                          "est_h200_s": round(est, 1) if timed else None})
     return pd.DataFrame(rows, columns=["panel", "configuration", "est_h200_s"])

@@ -1,6 +1,7 @@
 import base64
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -193,6 +194,28 @@ def test_plan_estimates_the_h200_time_per_part():
     assert r.exit_code == 0, r.output
     assert "min on one H200" in r.output and "mmfree 13b packed" in r.output and "transformer 13b" not in r.output
     assert_one_line_exit_2(invoke("reproduce", "--plan", "--only", "decode-rnn"), "--only decode-rnn")
+
+
+COMMITTED = Path(__file__).resolve().parents[2] / "results" / "h200" / "reproduce"
+
+
+def test_plan_matches_the_committed_decode_rows():
+    """Each decode row of the committed H200 run, from the previous row's end (a call's first row: from
+    the call's start) to its own, against the plan of the same call: windows, lead-ins, warm-up counted."""
+    n = 0
+    for phases in sorted((COMMITTED / "decode-power").glob("phases*.csv")):
+        df = pd.read_csv(phases)
+        ends = {label[4:]: end for label, end in zip(df["label"], df["t_end_s"]) if label.startswith("all ")}
+        labels = list(ends)
+        archs = {label.split()[0] for label in labels}
+        steps = tuple(rp.DecodeStep(arch, "packed" if arch == "mmfree" else "bf16",
+                                    tuple(lb.split()[1] for lb in labels if lb.startswith(arch)), ())
+                      for arch in sorted(archs))
+        est = rp.plan(rp.ReproduceSpec(device="cuda:0", only=("decode",), decode_steps=steps))
+        seconds = pd.Series(ends).diff().fillna(pd.Series(ends).iloc[0])
+        assert est.set_index("configuration")["est_h200_s"].to_dict() == pytest.approx(seconds.to_dict(), rel=0.05)
+        n += len(labels)
+    assert n >= 5
 
 
 def test_only_parts_compose_with_resume_into_one_report(tmp_path):
